@@ -1,0 +1,494 @@
+"""Inventories: the hosts of one deployment, loaded once into frozen, validated objects.
+
+``load_inventory(path_or_name)`` reads a YAML file (a bare name such as ``lab-1node`` finds the bundled file; a path
+wins when it exists) and returns an ``Inventory`` or raises ONE ``ConfigError`` listing every problem by its path in
+the file (``nodes[1].memory_gb: must be > 0``). Inventory files are data that ends up in templates and shell commands,
+so every string is constrained: node names by a pattern, addresses parsed by ``ipaddress``, paths absolute and free
+of whitespace, quotes, ``$`` and backticks. Nothing here touches a host or needs the SSH key files to exist.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from payctl.errors import ConfigError
+from payctl.paths import data_dir, payctl_home
+
+Role = Literal["app", "consumer", "mariadb", "redis", "kafka", "lb", "monitoring", "witness"]
+Runtime = Literal["compose", "native"]
+Component = Literal[
+    "app", "relay", "consumer", "mariadb", "redis", "sentinel", "kafka", "nginx", "prometheus", "exporters", "grafana"
+]
+
+ROLES: tuple[Role, ...] = ("app", "consumer", "mariadb", "redis", "kafka", "lb", "monitoring", "witness")
+# Roles some node must carry in every inventory (monitoring is required by the phases that need it, see plan.py).
+REQUIRED_ROLES: tuple[Role, ...] = ("app", "consumer", "mariadb", "redis", "kafka", "lb")
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+# Absolute or relative paths of plain characters: nothing a shell or a template could interpret.
+PATH_RE = re.compile(r"^[A-Za-z0-9._/+-]+$")
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_path(value: str, *, absolute: bool) -> str:
+    if not PATH_RE.fullmatch(value):
+        raise ValueError("must be a plain path (letters, digits, . _ / + -; no whitespace, quotes, $ or backticks)")
+    if absolute and not value.startswith("/"):
+        raise ValueError("must be an absolute path")
+    if ".." in PurePosixPath(value).parts:
+        raise ValueError("must not contain '..'")
+    return value.rstrip("/") or "/"
+
+
+def _check_address(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be an IP address written as a string")
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    if addr.is_unspecified or addr.is_loopback or addr.is_multicast:
+        raise ValueError(f"{value} cannot address a host (unspecified, loopback or multicast)")
+    return str(addr)
+
+
+class SSH(BaseModel):
+    """How payctl reaches a node over SSH."""
+
+    model_config = _FROZEN
+
+    user: str = Field(default="root", description="Login user on the node.")
+    key: str = Field(
+        default=...,
+        description="Private key file. A relative path resolves against PAYCTL_HOME (default ./.payctl); "
+        "lab inventories use lab/id_ed25519, which `payctl lab up` generates. Need not exist for plan/render/dry-run.",
+    )
+    port: int = Field(default=22, ge=1, le=65535, description="SSH port.")
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not USER_RE.fullmatch(v):
+            raise ValueError(f"must match {USER_RE.pattern}")
+        return v
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        return _check_path(v, absolute=False)
+
+    def key_path(self, home: Path | None = None) -> Path:
+        """The key file: absolute as written, or relative to ``home`` (default: PAYCTL_HOME)."""
+        p = Path(self.key)
+        return p if p.is_absolute() else (home or payctl_home()) / p
+
+
+class Node(BaseModel):
+    """One host of the deployment."""
+
+    model_config = _FROZEN
+
+    name: str = Field(..., description="Node name, `^[a-z][a-z0-9-]{0,30}$` (node1, node2, witness).")
+    public_address: str | None = Field(
+        default=None, description="Public IP address; absent for a node reachable only through a jump host."
+    )
+    private_address: str = Field(..., description="Private IP address; the nodes talk to each other on it.")
+    ssh: SSH = Field(..., description="SSH access: {user, key, port}.")
+    via: str | None = Field(default=None, description="Name of the node used as SSH jump host (e.g. node2 via node1).")
+    cpus: float = Field(..., gt=0, le=512, description="CPUs of the node (the plan keeps an OS reserve).")
+    memory_gb: float = Field(..., gt=0, le=4096, description="Memory of the node in GB.")
+    disk_gb: float = Field(..., gt=0, le=100_000, description="Disk of the node in GB (the plan budgets it).")
+    roles: tuple[Role, ...] = Field(
+        default=...,
+        min_length=1,
+        description="What the node runs: app, consumer, mariadb, redis, kafka, lb, monitoring; or witness alone "
+        "(a small host with a Redis Sentinel and a Kafka controller only).",
+    )
+    prefix: str | None = Field(
+        default=None,
+        description="Overrides the inventory's prefix for this node (lab hosts share one filesystem, so each has "
+        "its own).",
+    )
+
+    @field_validator("name", "via")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.fullmatch(v):
+            raise ValueError(f"must match {NAME_RE.pattern}")
+        return v
+
+    @field_validator("public_address", mode="before")
+    @classmethod
+    def _public(cls, v: object) -> str | None:
+        return None if v is None else _check_address(v)
+
+    @field_validator("private_address", mode="before")
+    @classmethod
+    def _private(cls, v: object) -> str:
+        return _check_address(v)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str | None) -> str | None:
+        return None if v is None else _check_path(v, absolute=True)
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: tuple[Role, ...]) -> tuple[Role, ...]:
+        dupes = sorted({r for r in v if v.count(r) > 1})
+        if dupes:
+            raise ValueError(f"duplicate role(s) {', '.join(dupes)}")
+        if "witness" in v and len(v) > 1:
+            raise ValueError("a witness carries no other role (it runs only a Redis Sentinel and a Kafka controller)")
+        return v
+
+    @property
+    def is_witness(self) -> bool:
+        return "witness" in self.roles
+
+    @property
+    def address(self) -> str:
+        """The address payctl connects to: public when the node has one, else private (through ``via``)."""
+        return self.public_address or self.private_address
+
+
+class RateLimits(BaseModel):
+    """Requests per minute per merchant, one counter for the whole cluster."""
+
+    model_config = _FROZEN
+
+    authorize: int = Field(default=30000, gt=0, description="Authorize requests per minute per merchant.")
+    capture: int = Field(default=30000, gt=0, description="Capture requests per minute per merchant.")
+    refund: int = Field(default=15000, gt=0, description="Refund requests per minute per merchant.")
+
+
+class Overrides(BaseModel):
+    """Values that replace the plan's own choices (each is checked like the computed ones)."""
+
+    model_config = _FROZEN
+
+    cpus: dict[Component, float] = Field(
+        default_factory=dict,
+        description="CPU limit per component on every node that runs it, e.g. {app: 2, mariadb: 0.5}; the other "
+        "components share what is left.",
+    )
+    memory_mb: dict[Component, int] = Field(
+        default_factory=dict, description="Memory limit in MB per component on every node that runs it."
+    )
+    app_workers: int | None = Field(default=None, ge=1, le=64, description="App worker processes per node.")
+    db_pool_per_worker: int | None = Field(default=None, ge=1, le=200, description="DB connections per app worker.")
+    kafka_partitions: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Partitions per topic; fixed at the first deployment (keys must not move).",
+    )
+    rate_limits: RateLimits | None = Field(default=None, description="Replaces the phase's rate limits.")
+    allow_overcommit: bool = Field(
+        default=False,
+        description="Turn CPU/memory/disk over-commit from an error into a warning (as --allow-overcommit).",
+    )
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, v: dict[Component, float]) -> dict[Component, float]:
+        bad = [k for k, c in v.items() if not 0 < c <= 512]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be > 0 and <= 512")
+        return v
+
+    @field_validator("memory_mb")
+    @classmethod
+    def _mem(cls, v: dict[Component, int]) -> dict[Component, int]:
+        bad = [k for k, m in v.items() if not 16 <= m <= 4_194_304]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be >= 16 and <= 4194304")
+        return v
+
+
+class Inventory(BaseModel):
+    """The hosts of one deployment and how to run on them."""
+
+    model_config = _FROZEN
+
+    deployment: str = Field(
+        default=...,
+        description="Deployment name, `^[a-z][a-z0-9-]{0,30}$`. The 1-node and 2-node inventories of one "
+        "deployment share it; secrets, lock and audit are keyed by it.",
+    )
+    runtime: Runtime = Field(
+        default=...,
+        description="compose: Docker Compose on VMs; native: Debian packages under systemd, or supervisor in the lab.",
+    )
+    target_rps: int = Field(..., gt=0, le=1_000_000, description="Requests per second the deployment must carry.")
+    prefix: str = Field(default="/opt/payctl", description="Directory for configs, data, logs on every node.")
+    overrides: Overrides = Field(default=Overrides(), description="Replace the plan's own choices.")
+    nodes: tuple[Node, ...] = Field(..., min_length=1, description="The hosts (a list).")
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment(cls, v: str) -> str:
+        if not NAME_RE.fullmatch(v):
+            raise ValueError(f"must match {NAME_RE.pattern}")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return _check_path(v, absolute=True)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def node_prefix(self, name: str) -> str:
+        """The node's own prefix, else the inventory's."""
+        return self.node(name).prefix or self.prefix
+
+    def with_role(self, role: Role) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if role in n.roles)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+_MODELS: dict[str, type[BaseModel]] = {
+    "": Inventory,
+    "nodes": Node,
+    "ssh": SSH,
+    "overrides": Overrides,
+    "rate_limits": RateLimits,
+}
+
+
+def _loc(loc: Iterable[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _owner_model(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    names = [p for p in loc if isinstance(p, str)]
+    return _MODELS.get(names[-1] if names else "")
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    loc = tuple(err["loc"])
+    if kind == "extra_forbidden":
+        model = _owner_model(loc[:-1])
+        key = str(loc[-1])
+        close = difflib.get_close_matches(key, list(model.model_fields) if model else [], n=1)
+        return "unknown key" + (f"; did you mean '{close[0]}'?" if close else "")
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()))
+        return f"must be {op} {bound:g}" if isinstance(bound, int | float) else f"must be {op} {bound}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected', '')}"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    msg = str(err["msg"])
+    return msg[0].lower() + msg[1:] if msg else kind
+
+
+def _validation_problems(exc: ValidationError) -> list[str]:
+    problems = []
+    errors = exc.errors()
+    for err in errors:
+        loc = tuple(err["loc"])
+        # pydantic also says "too short after validation" for a list whose items failed: only noise then.
+        if err["type"] == "too_short" and any(tuple(o["loc"])[: len(loc)] == loc and o is not err for o in errors):
+            continue
+        # pydantic adds the literal's value to the path of dict keys: drop that noise (e.g. cpus.`foo`.[key]).
+        loc = tuple(p for p in loc if p != "[key]")
+        problems.append(f"{_loc(loc) or '(top level)'}: {_message(err)}")
+    return problems
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _num(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _cross_problems(data: Mapping[str, Any]) -> list[str]:
+    """Checks across nodes, on the raw data so they are reported together with the per-field problems."""
+    problems: list[str] = []
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, list):
+        return problems
+    nodes = [n if isinstance(n, dict) else {} for n in raw_nodes]
+    seen_names: dict[str, int] = {}
+    seen_addrs: dict[str, str] = {}
+    for i, node in enumerate(nodes):
+        name = _str(node.get("name"))
+        if name is not None:
+            if name in seen_names:
+                problems.append(f"nodes[{i}].name: duplicate node name '{name}' (also nodes[{seen_names[name]}])")
+            seen_names.setdefault(name, i)
+        for field in ("public_address", "private_address"):
+            raw = _str(node.get(field))
+            try:
+                addr = str(ipaddress.ip_address(raw)) if raw is not None else None
+            except ValueError:
+                addr = None  # reported by the field check
+            if addr is None:
+                continue
+            where = f"nodes[{i}].{field}"
+            if addr in seen_addrs:
+                problems.append(f"{where}: duplicate address {addr} (also {seen_addrs[addr]})")
+            else:
+                seen_addrs[addr] = where
+    by_name = {_str(n.get("name")): n for n in nodes}
+    for i, node in enumerate(nodes):
+        via = _str(node.get("via"))
+        if via is None:
+            continue
+        if via == _str(node.get("name")):
+            problems.append(f"nodes[{i}].via: a node cannot be its own jump host")
+        elif via not in by_name:
+            names = ", ".join(sorted(n for n in by_name if n))
+            problems.append(f"nodes[{i}].via: unknown node '{via}' (nodes: {names})")
+        elif by_name[via].get("via") is not None:
+            problems.append(f"nodes[{i}].via: jump host '{via}' itself needs a jump host (one hop only)")
+    carried: set[object] = set()
+    for n in nodes:
+        roles = n.get("roles")
+        if isinstance(roles, list):
+            carried.update(r for r in roles if isinstance(r, str))
+    for role in REQUIRED_ROLES:
+        if role not in carried:
+            problems.append(f"nodes: no node has the role '{role}'")
+    for i, node in enumerate(nodes):
+        roles = node.get("roles")
+        witness = isinstance(roles, list) and "witness" in roles
+        cpus, mem, disk = _num(node.get("cpus")), _num(node.get("memory_gb")), _num(node.get("disk_gb"))
+        if not witness and cpus is not None and 0 < cpus < 1:
+            problems.append(f"nodes[{i}].cpus: a node running services needs at least 1 CPU, got {cpus:g}")
+        if not witness and mem is not None and 0 < mem < 1:
+            problems.append(f"nodes[{i}].memory_gb: a node running services needs at least 1 GB, got {mem:g}")
+        if disk is not None and 0 < disk < 2:
+            problems.append(f"nodes[{i}].disk_gb: at least 2 GB are needed, got {disk:g}")
+    return problems
+
+
+def _sibling_problems(inv: Inventory, path: Path) -> list[str]:
+    """A node present in two inventories of one deployment must be described identically."""
+    problems: list[str] = []
+    for other in sorted(path.parent.glob("*.yml")):
+        if other.resolve() == path.resolve():
+            continue
+        try:
+            data = yaml.safe_load(other.read_text())
+            sibling = Inventory.model_validate(data)
+        except (OSError, yaml.YAMLError, ValidationError):
+            continue  # a broken sibling reports its own problems when it is loaded
+        if sibling.deployment != inv.deployment:
+            continue
+        for key in ("runtime", "prefix"):
+            mine, theirs = getattr(inv, key), getattr(sibling, key)
+            if mine != theirs:
+                problems.append(f"{key}: '{mine}' but {other.name} (same deployment) says '{theirs}'")
+        theirs_by_name = {n.name: n for n in sibling.nodes}
+        for i, node in enumerate(inv.nodes):
+            twin = theirs_by_name.get(node.name)
+            if twin is None or twin == node:
+                continue
+            mine_d, theirs_d = node.model_dump(), twin.model_dump()
+            diffs = [f"{k} {mine_d[k]!r} vs {theirs_d[k]!r}" for k in mine_d if mine_d[k] != theirs_d[k]]
+            problems.append(
+                f"nodes[{i}] ({node.name}): described differently in {other.name} (same deployment): {'; '.join(diffs)}"
+            )
+    return problems
+
+
+def resolve_inventory_path(path_or_name: str | Path) -> Path:
+    """A path that exists wins; otherwise a bare name (``lab-1node`` or ``lab-1node.yml``) finds the bundled file."""
+    p = Path(path_or_name)
+    if p.exists():
+        return p
+    name = p.name if p.suffix in (".yml", ".yaml") else f"{p.name}.yml"
+    if p.parent == Path("."):
+        bundled = data_dir("inventories") / name
+        if bundled.exists():
+            return bundled
+    return p
+
+
+def bundled_inventories() -> list[str]:
+    return sorted(p.stem for p in data_dir("inventories").glob("*.yml"))
+
+
+def parse_inventory(data: object, source: str = "inventory") -> Inventory:
+    """Validate already-parsed YAML data (no sibling check); raises one ConfigError with every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: the inventory must be a mapping (deployment, runtime, target_rps, nodes ...)",
+            hint="see docs/inventory.md for the keys",
+        )
+    problems: list[str] = []
+    inv: Inventory | None = None
+    try:
+        inv = Inventory.model_validate(data)
+    except ValidationError as exc:
+        problems = _validation_problems(exc)
+    problems += _cross_problems(data)
+    if problems or inv is None:
+        raise ConfigError(
+            f"{source}: invalid inventory",
+            hint="fix the keys listed above; docs/inventory.md describes every key",
+            problems=problems,
+        )
+    return inv
+
+
+def load_inventory(path_or_name: str | Path) -> Inventory:
+    """Read and validate an inventory file; raises one ConfigError (exit 2) listing every problem."""
+    path = resolve_inventory_path(path_or_name)
+    if not path.is_file():
+        raise ConfigError(
+            f"inventory not found: {path_or_name}",
+            hint=f"give a path to a YAML file, or a bundled inventory name: {', '.join(bundled_inventories())}",
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"{path}: YAML syntax error{where}: {problem}",
+            hint="fix the YAML syntax (indentation, a missing ':' or an unclosed quote)",
+        ) from None
+    inv = parse_inventory(data, str(path))
+    problems = _sibling_problems(inv, path)
+    if problems:
+        raise ConfigError(
+            f"{path}: inventory disagrees with another inventory of deployment '{inv.deployment}'",
+            hint="a node that appears in the 1-node and 2-node inventories must be described identically",
+            problems=problems,
+        )
+    return inv
