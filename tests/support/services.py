@@ -123,17 +123,24 @@ class MariaDB:
             ["mariadbd", f"--defaults-file={self.cnf}", "--user=root"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
-        wait_until(lambda: self.socket_path.exists() and _port_open("127.0.0.1", self.port), 60,
-                   f"mariadbd on port {self.port} (log: {self.base / 'error.log'})")
-        if fresh:
-            self.sql(
-                f"ALTER USER 'root'@'localhost' IDENTIFIED BY '{self.root_password}';"
-                f"CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED BY '{self.root_password}';"
-                f"ALTER USER 'root'@'127.0.0.1' IDENTIFIED BY '{self.root_password}';"
-                "GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;",
-                password="",
-            )
+        try:
+            wait_until(lambda: self.socket_path.exists() and _port_open("127.0.0.1", self.port), 60,
+                       f"mariadbd on port {self.port} (log: {self.base / 'error.log'})")
+            if fresh:
+                self._secure_root()
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def _secure_root(self) -> None:
+        self.sql(
+            f"ALTER USER 'root'@'localhost' IDENTIFIED BY '{self.root_password}';"
+            f"CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED BY '{self.root_password}';"
+            f"ALTER USER 'root'@'127.0.0.1' IDENTIFIED BY '{self.root_password}';"
+            "GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;",
+            password="",
+        )
 
     def sql(self, statements: str, db: str = "", password: str | None = None) -> str:
         """Run SQL through the mariadb client over the socket; returns tab-separated output."""
