@@ -12,7 +12,6 @@ from payctl.secrets import (
     SECRET_NAMES,
     Secret,
     load_or_create,
-    payctl_home,
     redact_text,
     secrets_path,
 )
@@ -99,9 +98,7 @@ def test_deployment_names_cannot_escape_home(tmp_path: Path, bad: str) -> None:
         load_or_create(tmp_path, bad, allow_create=True)
 
 
-def test_secret_repr_str_format_and_logging_are_redacted(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_secret_repr_str_format_and_logging_are_redacted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     s = load_or_create(tmp_path, "lab", allow_create=True)
     secret = s["mariadb_app"]
     clear = secret.reveal()
@@ -132,8 +129,3 @@ def test_secrets_are_not_picklable() -> None:
 
     with pytest.raises(TypeError):
         pickle.dumps(Secret("x" * 20))
-
-
-def test_payctl_home_defaults_to_dot_payctl_in_cwd(tmp_path: Path) -> None:
-    assert payctl_home({}, cwd=tmp_path) == tmp_path / ".payctl"
-    assert payctl_home({"PAYCTL_HOME": str(tmp_path / "h")}) == tmp_path / "h"

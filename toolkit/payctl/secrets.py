@@ -113,15 +113,6 @@ class Secrets:
         return f"Secrets(deployment={self.deployment!r}, names={list(self.values)!r})"
 
 
-def payctl_home(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path:
-    """``$PAYCTL_HOME`` if set, else ``.payctl`` in the working directory."""
-    env = os.environ if environ is None else environ
-    configured = env.get("PAYCTL_HOME", "")
-    if configured:
-        return Path(configured).expanduser().absolute()
-    return (cwd or Path.cwd()) / ".payctl"
-
-
 def secrets_path(home: Path, deployment: str) -> Path:
     _check_deployment(deployment)
     return home / deployment / "secrets.yml"
@@ -190,8 +181,7 @@ def _write(path: Path, deployment: str, values: Mapping[str, str]) -> None:
     body = yaml.safe_dump({"deployment": deployment, "secrets": dict(values)}, sort_keys=False)
     text = (
         f"# payctl secrets of deployment {deployment!r}: the hosts' database and Redis users use these values.\n"
-        "# Keep this file private (0600) and backed up; payctl refuses to re-create it for a live deployment.\n"
-        + body
+        "# Keep this file private (0600) and backed up; payctl refuses to re-create it for a live deployment.\n" + body
     )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -205,3 +195,9 @@ def _write(path: Path, deployment: str, values: Mapping[str, str]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def known_hosts_path(home: Path, deployment: str) -> Path:
+    """The deployment's SSH known_hosts (lab up writes the lab nodes' host keys here; hosts.py verifies against it)."""
+    _check_deployment(deployment)
+    return home / deployment / "known_hosts"
