@@ -170,6 +170,7 @@ class RateLimits(BaseModel):
     authorize: int = Field(default=30000, gt=0, description="Authorize requests per minute per merchant.")
     capture: int = Field(default=30000, gt=0, description="Capture requests per minute per merchant.")
     refund: int = Field(default=15000, gt=0, description="Refund requests per minute per merchant.")
+    void: int = Field(default=30000, gt=0, description="Void requests per minute per merchant.")
 
 
 class Overrides(BaseModel):
@@ -192,6 +193,12 @@ class Overrides(BaseModel):
         ge=1,
         le=1000,
         description="Partitions per topic; fixed at the first deployment (keys must not move).",
+    )
+    average_rps: float | None = Field(
+        default=None,
+        gt=0,
+        description="Average request rate used for data volumes (binlog, Kafka, backups); default 10 % of "
+        "target_rps, which is a peak. A lab that only runs short gates can say so here.",
     )
     rate_limits: RateLimits | None = Field(default=None, description="Replaces the phase's rate limits.")
     allow_overcommit: bool = Field(
