@@ -103,7 +103,7 @@ IMAGES: Mapping[str, str] = {
     "grafana": "grafana/grafana:10.4.2",
     "node_exporter": "prom/node-exporter:v1.5.0",
     "mysqld_exporter": "prom/mysqld-exporter:v0.15.1",
-    "redis_exporter": "oliver006/redis_exporter:v1.58.0",
+    "redis_exporter": "oliver006/redis_exporter:v1.58.0-alpine",
     "nginx_exporter": "nginx/nginx-prometheus-exporter:1.1.0",
     "app_base": "python:3.11-slim",
 }
@@ -617,7 +617,9 @@ def _compose_services(plan: Plan, node: NodePlan) -> tuple[list[dict[str, Any]],
                                               ("GF_AUTH_ANONYMOUS_ENABLED", "false")],
                                  volumes=["./grafana/provisioning:/etc/grafana/provisioning:ro",
                                           "./grafana/dashboards:/var/lib/grafana/dashboards:ro",
-                                          "grafana-data:/var/lib/grafana"]))  # fmt: skip
+                                          "grafana-data:/var/lib/grafana"],
+                                 healthcheck=["CMD", "wget", "-qO-", f"http://{priv}:{PORTS['grafana']}/api/health"]))
+
         volumes.append("grafana-data")
     if "exporters" in comps:
         exporters: list[tuple[str, str, dict[str, Any]]] = [
@@ -640,6 +642,9 @@ def _compose_services(plan: Plan, node: NodePlan) -> tuple[list[dict[str, Any]],
                 "command": [f"--nginx.scrape-uri=http://127.0.0.1:{PORTS['nginx_status']}/stub_status",
                             f"--web.listen-address={priv}:{PORTS['nginx_exporter']}"]}))  # fmt: skip
         for name, img, kw in exporters:
+            port = PORTS[img]
+            if name != "nginx-exporter":  # its image has no shell or HTTP client; nginx's own check covers it
+                kw["healthcheck"] = ["CMD", "wget", "-qO-", f"http://{priv}:{port}/metrics"]
             services.append(_service(node, name, "exporters", IMAGES[img], share=len(exporters), **kw))
     return services, volumes
 

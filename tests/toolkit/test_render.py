@@ -1,0 +1,241 @@
+"""render(plan): what each file must say, live roles, secrets, and that the templates stay logic-free."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from payctl.errors import PayctlError
+from payctl.inventory import load_inventory, parse_inventory
+from payctl.paths import data_dir
+from payctl.phase import load_phase
+from payctl.plan import LiveRoles, Plan, make_plan
+from payctl.render import FileKind, RenderedFile, kafka_cluster_id, render
+from payctl.validate import validate_files
+
+from tests.support.services import MariaDB
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def plan_for(inv: str, phase: int, live: LiveRoles | None = None) -> Plan:
+    return make_plan(load_inventory(REPO / "inventories" / f"{inv}.yml"), load_phase(phase), live_roles=live)
+
+
+@pytest.fixture(scope="module")
+def kt2() -> dict[str, RenderedFile]:
+    return render(plan_for("ktcloud-2node", 5))
+
+
+def test_keys_are_node_slash_relative_path(kt2: dict[str, RenderedFile]) -> None:
+    for key, f in kt2.items():
+        assert key == f"{f.node}/{f.path}"
+        assert not f.path.startswith("/") and ".." not in f.path.split("/")
+    assert {f.node for f in kt2.values()} == {"node1", "node2", "witness"}
+
+
+def test_phase1_renders_only_the_first_node() -> None:
+    files = render(plan_for("ktcloud-2node", 1))
+    assert {f.node for f in files.values()} == {"node1"}
+    assert "node1/redis/sentinel.conf" not in files
+    assert "node1/prometheus/prometheus.yml" not in files  # monitoring arrives in phase 4
+    assert "node1/prometheus/prometheus.yml" in render(plan_for("ktcloud-1node", 4))
+
+
+def test_compose_limits_are_the_plans(kt2: dict[str, RenderedFile]) -> None:
+    plan = plan_for("ktcloud-2node", 5)
+    for node in plan.active_nodes:
+        doc = yaml.safe_load(kt2[f"{node.name}/docker-compose.yml"].text)
+        for name, svc in doc["services"].items():
+            assert svc["network_mode"] == "host"
+            assert "restart" in svc and "logging" in svc
+            if name in ("app", "relay", "consumer", "mariadb", "redis", "sentinel", "kafka", "nginx", "prometheus"):
+                comp = node.component(name)
+                assert comp is not None, (node.name, name)
+                limits = svc["deploy"]["resources"]["limits"]
+                assert float(limits["cpus"]) == pytest.approx(comp.cpus)
+                assert limits["memory"] == f"{comp.memory_mb}M"
+            if name not in ("kafka-format", "nginx-exporter"):
+                assert "healthcheck" in svc, (node.name, name)
+    node1 = yaml.safe_load(kt2["node1/docker-compose.yml"].text)
+    assert node1["services"]["app"]["build"] == {"context": "./payapp"}
+    assert node1["services"]["app"]["env_file"] == ["app.env"]
+
+
+def test_mariadb_primary_and_replica(kt2: dict[str, RenderedFile]) -> None:
+    primary, replica = kt2["node1/mariadb/my.cnf"].text, kt2["node2/mariadb/my.cnf"].text
+    for text in (primary, replica):
+        for line in ("binlog_format = ROW", "gtid_strict_mode = ON", "log_slave_updates = ON", "sync_binlog = 1",
+                     "innodb_flush_log_at_trx_commit = 1", "rpl_semi_sync_master_wait_point = AFTER_SYNC"):
+            assert line in text
+    assert "read_only = OFF" in primary and "read_only = ON" in replica
+    assert "server_id = 1" in primary and "server_id = 2" in replica
+    assert "MASTER_USE_GTID = slave_pos" in kt2["node2/mariadb/replica.sql"].text
+    # CHANGE MASTER only ever on the replica
+    assert not any("CHANGE MASTER" in f.text for f in kt2.values() if f.node != "node2")
+    assert "node1/mariadb/replica.sql" not in kt2
+    assert "GRANT REPLICATION SLAVE ON *.* TO 'replication'@'198.51.100.12'" in kt2[
+        "node1/mariadb/replication-primary.sql"].text
+    # no semi-sync before there is a replica
+    assert "rpl_semi_sync" not in render(plan_for("ktcloud-2node", 4))["node1/mariadb/my.cnf"].text
+
+
+def test_live_roles_win_after_a_failover() -> None:
+    files = render(plan_for("ktcloud-2node", 5, LiveRoles(mariadb_primary="node2", redis_master="node2")))
+    assert "read_only = OFF" in files["node2/mariadb/my.cnf"].text
+    assert "read_only = ON" in files["node1/mariadb/my.cnf"].text
+    assert "MASTER_HOST = '198.51.100.12'" in files["node1/mariadb/replica.sql"].text
+    assert "node2/mariadb/replica.sql" not in files
+    assert "replicaof 198.51.100.12 6379" in files["node1/redis/redis.conf"].text
+    assert "replicaof" not in files["node2/redis/redis.conf"].text
+    assert "@198.51.100.12:3306/payments" in files["node1/app.env"].text
+
+
+def test_redis_and_sentinel(kt2: dict[str, RenderedFile]) -> None:
+    master, replica = kt2["node1/redis/redis.conf"].text, kt2["node2/redis/redis.conf"].text
+    assert "appendfsync everysec" in master and "maxmemory " in master
+    assert "replicaof" not in master and "replicaof 198.51.100.11 6379" in replica
+    assert "user app on >{{SECRET:redis_app}}" in master
+    sentinels = [f for f in kt2.values() if f.kind is FileKind.SENTINEL_CONF]
+    assert {f.node for f in sentinels} == {"node1", "node2", "witness"}
+    assert all(f.write_once and f.mode == 0o600 for f in sentinels)
+    assert all("sentinel monitor payctl 198.51.100.11 6379 2" in f.text for f in sentinels)
+
+
+def test_kafka_quorum_and_witness_controller(kt2: dict[str, RenderedFile]) -> None:
+    one = render(plan_for("ktcloud-1node", 1))
+    assert "controller.quorum.bootstrap.servers=198.51.100.11:9093" in one["node1/kafka/server.properties"].text
+    compose = yaml.safe_load(one["node1/docker-compose.yml"].text)
+    assert "--standalone" in compose["services"]["kafka-format"]["command"]
+    assert kafka_cluster_id("ktcloud-pay") in compose["services"]["kafka-format"]["command"]
+    witness = kt2["witness/kafka/controller.properties"].text
+    assert "process.roles=controller\n" in witness and "advertised.listeners" not in witness
+    assert "default.replication.factor=2" in kt2["node1/kafka/server.properties"].text
+    w = yaml.safe_load(kt2["witness/docker-compose.yml"].text)
+    assert set(w["services"]) == {"sentinel", "kafka-format", "kafka", "node-exporter"}
+    assert "--no-initial-controllers" in w["services"]["kafka-format"]["command"]
+
+
+def test_nginx_lb(kt2: dict[str, RenderedFile]) -> None:
+    text = kt2["node1/nginx/nginx.conf"].text
+    assert "server 198.51.100.11:8080 max_fails=" in text and "server 198.51.100.12:8080 max_fails=" in text
+    assert "listen 203.0.113.10:80;" in text
+    assert re.search(r"keepalive \d+;", text)
+    assert "location = /metrics { return 404; }" in text
+    [directive] = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("proxy_next_upstream ")]
+    assert directive.startswith("proxy_next_upstream error timeout") and "non_idempotent" not in directive
+
+
+def test_app_env(kt2: dict[str, RenderedFile]) -> None:
+    env = dict(line.split("=", 1) for line in kt2["node2/app.env"].text.splitlines() if "=" in line and
+               not line.startswith("#"))
+    assert env["PAYAPP_DB_URL"] == "mysql://app:{{SECRET:mariadb_app}}@198.51.100.11:3306/payments"
+    assert env["PAYAPP_REDIS_SENTINELS"] == "198.51.100.11:26379,198.51.100.12:26379,198.51.100.13:26379"
+    assert env["PAYAPP_KAFKA_BOOTSTRAP"] == "198.51.100.11:9092,198.51.100.12:9092"
+    assert kt2["node2/app.env"].mode == 0o600
+
+
+def test_secrets_are_placeholders_or_substituted() -> None:
+    plan = plan_for("ktcloud-2node", 5)
+    secrets = {name: f"s3cret-{name}" for name in re.findall(
+        r"\{\{SECRET:(\w+)\}\}", "".join(f.text for f in render(plan).values()))}
+    real = render(plan, secrets)
+    assert not any("{{SECRET:" in f.text for f in real.values())
+    assert "s3cret-mariadb_replication" in real["node2/mariadb/replica.sql"].text
+    with pytest.raises(PayctlError, match="secret 'mariadb_app' is missing"):
+        render(plan, {k: v for k, v in secrets.items() if k != "mariadb_app"})
+    with pytest.raises(PayctlError, match="unsafe"):
+        render(plan, {**secrets, "redis_app": "a b'c"})
+    # Every file holding a secret is 0600.
+    for f in real.values():
+        if any(v in f.text for v in secrets.values()):
+            assert f.mode == 0o600, f.key
+
+
+def test_lab_uses_supervisor_and_vms_use_systemd() -> None:
+    lab = render(plan_for("lab-2node", 5))
+    assert "node1/supervisor/supervisord.conf" in lab
+    assert not any(f.kind is FileKind.SYSTEMD_UNIT or f.kind is FileKind.COMPOSE for f in lab.values())
+    data = yaml.safe_load((REPO / "inventories" / "ktcloud-2node.yml").read_text())
+    data["runtime"] = "native"
+    vm = render(make_plan(parse_inventory(data), load_phase(5)))
+    units = [f for f in vm.values() if f.kind is FileKind.SYSTEMD_UNIT]
+    assert {"node1/systemd/payctl-mariadb.service", "node1/systemd/payctl-app.service",
+            "witness/systemd/payctl-sentinel.service"} <= {f.key for f in units}
+    app = vm["node1/systemd/payctl-app.service"].text
+    assert "ExecStart=/opt/payctl/venv/bin/payapp serve --env-file /opt/payctl/app.env" in app
+    assert re.search(r"CPUQuota=\d+%", app) and re.search(r"MemoryMax=\d+M", app)
+    results = validate_files({f.key: f for f in units})
+    assert all(r.ok for r in results), [(r.key, r.detail) for r in results if not r.ok]
+
+
+def test_hostile_inventory_strings_never_reach_a_template() -> None:
+    data = yaml.safe_load((REPO / "inventories" / "ktcloud-1node.yml").read_text())
+    for field, value in (("name", "node1;rm -rf /"), ("private_address", "198.51.100.11\nbind 0.0.0.0")):
+        bad = {**data, "nodes": [{**data["nodes"][0], field: value}]}
+        with pytest.raises(PayctlError):
+            parse_inventory(bad)
+    with pytest.raises(PayctlError):
+        parse_inventory({**data, "prefix": "/opt/pay ctl/{{ x }}"})
+
+
+_EXPR = re.compile(r"\{\{(.*?)\}\}|\{%(.*?)%\}", re.S)
+_LOGIC = re.compile(r"(?<![\w.])-?\d+\s*[-+*/%]|[-+*/%]\s*\d|\w\s*[+*/%]\s*\w|\bdefault\b|\|\s*d\b")
+
+
+def _has_logic(expr: str) -> bool:
+    code = re.sub(r"'[^']*'|\"[^\"]*\"", "''", expr)  # string literals are not arithmetic
+    return bool(_LOGIC.search(code))
+
+
+@pytest.mark.parametrize(
+    ("expr", "bad"),
+    [("a * 2", True), ("x | default(1)", True), ("a + b", True), ("n // 2", True), ("x|d('y')", True),
+     ("ports.app", False), ("u", False), ("'{{'", False), ("secret('redis_app') | sql_string", False),
+     ("for k, v in app.env", False)],
+)
+def test_logic_detector(expr: str, bad: bool) -> None:
+    assert _has_logic(expr) is bad
+
+
+def test_templates_hold_no_arithmetic_and_no_defaults() -> None:
+    offenders = []
+    for path in sorted(data_dir("templates").rglob("*.j2")):
+        for m in _EXPR.finditer(path.read_text()):
+            expr = (m.group(1) or m.group(2) or "").strip()
+            if _has_logic(expr):
+                offenders.append(f"{path.name}: {expr}")
+    assert offenders == []
+
+
+def _mysql(server: MariaDB, sql: str, *args: str) -> str:
+    proc = subprocess.run(
+        ["mariadb", f"--defaults-extra-file={server.client_cnf}", "-N", "-B", *args],
+        input=sql, capture_output=True, text=True, check=True,
+    )
+    return proc.stdout
+
+
+def test_users_sql_runs_on_a_real_mariadb_and_grants_least_privilege(mariadb: MariaDB) -> None:
+    plan = plan_for("ktcloud-2node", 5)
+    secrets: dict[str, Any] = {n: f"pw-{n}" for n in ("mariadb_app", "mariadb_migrate", "mariadb_exporter",
+                                                      "mariadb_replication", "mariadb_root", "redis_app",
+                                                      "redis_replication", "redis_sentinel", "redis_exporter",
+                                                      "grafana_admin")}  # fmt: skip
+    files = render(plan, secrets)
+    users = files["node1/mariadb/users.sql"].text
+    # Not the root removal against the shared test server: only the users and grants.
+    users = "\n".join(ln for ln in users.splitlines() if "mysql.global_priv" not in ln)
+    _mysql(mariadb, users + "\n" + users)  # twice: idempotent
+    _mysql(mariadb, files["node1/mariadb/replication-primary.sql"].text)
+    grants = _mysql(mariadb, "SHOW GRANTS FOR 'app'@'198.51.100.12';")
+    assert "GRANT SELECT, INSERT, UPDATE, DELETE ON `payments`.* TO `app`@`198.51.100.12`" in grants
+    assert "ALL PRIVILEGES" not in grants and "CREATE" not in grants
+    repl = _mysql(mariadb, "SHOW GRANTS FOR 'replication'@'198.51.100.12';")
+    assert "GRANT REPLICATION SLAVE ON *.* TO `replication`@`198.51.100.12`" in repl
+    ddl = _mysql(mariadb, "SHOW GRANTS FOR 'migrate'@'198.51.100.11';")
+    assert "ALTER" in ddl and "ON `payments`.*" in ddl
