@@ -118,6 +118,18 @@ def test_up_again_changes_nothing_and_restarts_nothing(lab_2node: Lab) -> None:
     assert {n.node: n.pid_file.read_text() for n in lab_2node.nodes} == before
 
 
+def test_cli_up_on_a_lab_that_is_up_says_so(lab_2node: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    os.environ["PAYCTL_HOME"] = str(lab_2node.home)
+    try:
+        assert run(["lab", "up", "-i", "lab-1node"]) == 0
+    finally:
+        del os.environ["PAYCTL_HOME"]
+    out = capsys.readouterr().out
+    assert "already up: nothing changed" in out
+    known = lab_2node.home / "lab" / "known_hosts"
+    assert f"  node1: ssh -i {lab_2node.key} -o UserKnownHostsFile={known} root@10.77.0.11\n" in out
+
+
 def test_up_repairs_what_is_missing(lab_2node: Lab) -> None:
     node2 = lab_2node.nodes[1]
     pid = int(node2.pid_file.read_text())
@@ -231,4 +243,5 @@ def test_down_removes_only_the_lab(lab_2node: Lab) -> None:
         assert not Path(f"/sys/fs/cgroup/{sub}/payctl-lab").exists()
     for node in lab_2node.nodes:
         assert not node.prefix.exists()
+    assert not lab_2node.nodes[0].prefix.parent.exists()  # /var/lib/payctl-lab held only the lab's prefixes
     assert lab.lab_down(lab_2node.inventory, lab_2node.home) == []

@@ -668,6 +668,8 @@ def execute(steps: Sequence[Step], runner: Runner, *, stop_timeout: float = 10.0
             if not (step.path / MARKER).is_file():
                 raise DeployError(f"refusing to remove {step.path}: it has no {MARKER} marker")
             shutil.rmtree(step.path)
+            with suppress(OSError):  # the common parent (/var/lib/payctl-lab) once its last node is gone
+                step.path.parent.rmdir()
         elif isinstance(step, StopProcesses):
             _stop(step, runner, stop_timeout)
         else:

@@ -13,6 +13,7 @@ from rich.table import Table
 from payctl import lab
 from payctl.inventory import load_inventory
 from payctl.paths import payctl_home
+from payctl.secrets import known_hosts_path
 
 lab_app = typer.Typer(
     help="Lab hosts on this machine: a network namespace, sshd, prefix and cgroup per inventory node (root).",
@@ -37,20 +38,21 @@ def _printer(console: Console) -> lab.Progress:
 def up(inventory: str = _INVENTORY) -> None:
     """Create (or repair) the lab hosts of the inventory; changes nothing when they are already up."""
     inv = load_inventory(inventory)
-    out = Console(highlight=False)
+    out = Console(highlight=False, soft_wrap=True)
     out.print(f"lab up: deployment [bold]{inv.deployment}[/], {len(inv.nodes)} node(s)")
     steps = lab.lab_up(inv, _home(), progress=_printer(out))
     key = lab.client_key_path(_home())
+    known = known_hosts_path(_home(), inv.deployment)
     out.print(f"{len(steps)} change(s)" if steps else "already up: nothing changed")
     for node in inv.nodes:
-        out.print(f"  {node.name}: ssh -i {key} {node.ssh.user}@{node.private_address}")
+        out.print(f"  {node.name}: ssh -i {key} -o UserKnownHostsFile={known} {node.ssh.user}@{node.private_address}")
 
 
 @lab_app.command("down")
 def down(inventory: str = _INVENTORY) -> None:
     """Stop every process in the lab hosts and remove their namespaces, links, cgroups and prefixes. No prompt."""
     inv = load_inventory(inventory)
-    out = Console(highlight=False)
+    out = Console(highlight=False, soft_wrap=True)
     out.print(f"lab down: deployment [bold]{inv.deployment}[/], {len(inv.nodes)} node(s)")
     steps = lab.lab_down(inv, _home(), progress=_printer(out))
     out.print(f"{len(steps)} change(s)" if steps else "already down: nothing to remove")
