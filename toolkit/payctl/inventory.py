@@ -345,7 +345,7 @@ def _cross_problems(data: Mapping[str, Any]) -> list[str]:
     """Checks across nodes, on the raw data so they are reported together with the per-field problems."""
     problems: list[str] = []
     raw_nodes = data.get("nodes")
-    if not isinstance(raw_nodes, list):
+    if not isinstance(raw_nodes, list | tuple):
         return problems
     nodes = [n if isinstance(n, dict) else {} for n in raw_nodes]
     seen_names: dict[str, int] = {}
@@ -384,14 +384,14 @@ def _cross_problems(data: Mapping[str, Any]) -> list[str]:
     carried: set[object] = set()
     for n in nodes:
         roles = n.get("roles")
-        if isinstance(roles, list):
+        if isinstance(roles, list | tuple):
             carried.update(r for r in roles if isinstance(r, str))
     for role in REQUIRED_ROLES:
         if role not in carried:
             problems.append(f"nodes: no node has the role '{role}'")
     for i, node in enumerate(nodes):
         roles = node.get("roles")
-        witness = isinstance(roles, list) and "witness" in roles
+        witness = isinstance(roles, list | tuple) and "witness" in roles
         cpus, mem, disk = _num(node.get("cpus")), _num(node.get("memory_gb")), _num(node.get("disk_gb"))
         if not witness and cpus is not None and 0 < cpus < 1:
             problems.append(f"nodes[{i}].cpus: a node running services needs at least 1 CPU, got {cpus:g}")
@@ -420,8 +420,15 @@ def _sibling_problems(inv: Inventory, path: Path) -> list[str]:
             if mine != theirs:
                 problems.append(f"{key}: '{mine}' but {other.name} (same deployment) says '{theirs}'")
         theirs_by_name = {n.name: n for n in sibling.nodes}
+        their_index = {n.name: j for j, n in enumerate(sibling.nodes)}
         for i, node in enumerate(inv.nodes):
             twin = theirs_by_name.get(node.name)
+            if twin is not None and their_index[node.name] != i:
+                # server_id and Kafka node.id come from the position: it must not change when a node is added.
+                problems.append(
+                    f"nodes[{i}] ({node.name}): is nodes[{their_index[node.name]}] in {other.name} (same deployment); "
+                    "keep shared nodes first and in the same order"
+                )
             if twin is None or twin == node:
                 continue
             mine_d, theirs_d = node.model_dump(), twin.model_dump()
