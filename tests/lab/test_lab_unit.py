@@ -116,6 +116,16 @@ def test_cgroup_limits_v1_and_v2() -> None:
     assert V1.enable_controllers() == {}
 
 
+def test_plan_up_enables_v2_controllers_only_where_missing(tmp_path: Path) -> None:
+    nodes = lab.layout(load_inventory("lab-1node"))
+    root_ctl, lab_ctl = V2.enable_controllers()
+    state = replace(_empty_state(nodes), controllers_missing=frozenset({lab_ctl}))
+    writes = [s for s in lab.plan_up(nodes, tmp_path, state, V2) if isinstance(s, lab.WriteFile)]
+    assert (writes[0].path, writes[0].text) == (lab_ctl, "+cpu +memory")
+    assert root_ctl not in [w.path for w in writes]
+    assert [w.path.name for w in writes[1:3]] == ["cpu.max", "memory.max"]
+
+
 def test_detect_cgroups(tmp_path: Path) -> None:
     with pytest.raises(PayctlError, match="no usable cgroups"):
         lab.detect_cgroups(tmp_path)

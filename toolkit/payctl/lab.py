@@ -369,6 +369,7 @@ class LabState:
     client_key: bool = False
     client_public_key: str | None = None
     cgroup_parent_children: frozenset[str] = frozenset()
+    controllers_missing: frozenset[Path] = frozenset()  # v2 subtree_control files lacking cpu or memory
     nodes: Mapping[str, NodeState] = field(default_factory=dict)
 
 
@@ -480,6 +481,9 @@ def observe(nodes: Sequence[NodeLayout], home: Path, cgroups: Cgroups, runner: R
         client_key=key.is_file(),
         client_public_key=_read(key.with_name(key.name + ".pub")),
         cgroup_parent_children=frozenset(children),
+        controllers_missing=frozenset(
+            p for p in cgroups.enable_controllers() if not {"cpu", "memory"} <= set((_read(p) or "").split())
+        ),
         nodes=states,
     )
 
@@ -533,6 +537,8 @@ def plan_up(nodes: Sequence[NodeLayout], home: Path, state: LabState, cgroups: C
     if not state.privsep_dir:
         steps.append(MakeDir(Path("/run/sshd"), "sshd privilege separation directory /run/sshd"))
     for path, text in cgroups.enable_controllers().items():
+        if path not in state.controllers_missing:
+            continue
         if not path.parent.is_dir():
             steps.append(MakeDir(path.parent, f"cgroup {path.parent}"))
         steps.append(WriteFile(path, text, f"enable cpu+memory controllers in {path.parent}", mode=None))
