@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from payctl.errors import ConfigError
-from payctl.inventory import Inventory, load_inventory, parse_inventory, resolve_inventory_path
+from payctl.inventory import Inventory, inventory_reference, load_inventory, parse_inventory, resolve_inventory_path
 from payctl.paths import data_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -268,3 +268,16 @@ def test_non_editable_install_ships_inventories_and_phases(tmp_path: Path) -> No
 def test_model_dump_round_trips(name: str) -> None:
     inv = load_inventory(name)
     assert parse_inventory(inv.model_dump()) == inv
+
+
+def test_docs_inventory_md_is_generated_from_the_model(update_golden: bool) -> None:
+    doc = REPO / "docs" / "inventory.md"
+    text = inventory_reference()
+    if update_golden:
+        doc.write_text(text)
+    assert doc.read_text() == text, (
+        "docs/inventory.md is stale: run pytest tests/toolkit/test_inventory.py --update-golden"
+    )
+    for model in (Inventory,):
+        for name in model.model_fields:
+            assert f"| `{name}` |" in text
