@@ -60,6 +60,14 @@ def test_mariadb_effective_value_differs_from_plan() -> None:
     assert r.detail == "max_connections: asked 301, mariadbd would use 300"
 
 
+def test_mariadb_client_option_file() -> None:
+    text = "[client]\nuser=exporter\npassword=x\n"
+    good = check(FileKind.MARIADB_CLIENT_CNF, text, "c.cnf", expect={"user": "exporter"})
+    assert good.ok, good.detail
+    assert not check(FileKind.MARIADB_CLIENT_CNF, "[client\nuser=exporter\n", "c.cnf").ok
+    assert not check(FileKind.MARIADB_CLIENT_CNF, "[client]\nuser=root\n", "c.cnf", expect={"user": "exporter"}).ok
+
+
 # --- Redis / Sentinel ------------------------------------------------------------------------------------------------
 
 REDIS = (

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 class FileKind(enum.StrEnum):
     MARIADB_CNF = "mariadb_cnf"
+    MARIADB_CLIENT_CNF = "mariadb_client_cnf"
     REDIS_CONF = "redis_conf"
     SENTINEL_CONF = "sentinel_conf"
     NGINX_CONF = "nginx_conf"
@@ -693,9 +694,10 @@ def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Any)
             add("mariadb/replica.sql.j2", "mariadb/replica.sql", FileKind.SQL,
                 "CHANGE MASTER TO ... MASTER_USE_GTID=slave_pos (replica only)", mode=0o600)
         if "exporters" in comps:
-            files.append(RenderedFile(node.name, "mariadb/exporter.cnf", FileKind.TEXT,
-                                  f"[client]\nuser=exporter\npassword={secret('mariadb_exporter')}\n",
-                                  mode=0o600, description="mysqld exporter credentials"))  # fmt: skip
+            files.append(RenderedFile(node.name, "mariadb/exporter.cnf", FileKind.MARIADB_CLIENT_CNF,
+                                      f"[client]\nuser=exporter\npassword={secret('mariadb_exporter')}\n",
+                                      mode=0o600, description="mysqld exporter credentials",
+                                      expect={"user": "exporter"}))  # fmt: skip
         if plan.runtime == "compose":
             files.append(RenderedFile(node.name, "mariadb/mariadb.env", FileKind.ENV_FILE,
                                       _env_text([("MARIADB_ROOT_PASSWORD", secret("mariadb_root")),

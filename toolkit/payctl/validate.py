@@ -233,6 +233,17 @@ def _check_mariadb(job: _Job) -> None:
         raise _Failure("\n".join(mismatches))
 
 
+def _check_mariadb_client(job: _Job) -> None:
+    """A client option file (exporter credentials): MariaDB's own option-file reader, then the values asked for."""
+    proc = _run(["my_print_defaults", f"--defaults-file={job.path}", "client"])
+    if proc.returncode != 0:
+        raise _Failure(_tail(proc.stderr + proc.stdout))
+    got = dict(ln[2:].split("=", 1) for ln in proc.stdout.splitlines() if ln.startswith("--") and "=" in ln)
+    wrong = [f"{k}: asked {v}, file gives {got.get(k)}" for k, v in job.file.expect.items() if got.get(k) != v]
+    if wrong:
+        raise _Failure("\n".join(wrong))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Redis and Sentinel
 
@@ -635,6 +646,7 @@ _NEEDS_NETNS = {FileKind.REDIS_CONF, FileKind.SENTINEL_CONF, FileKind.NGINX_CONF
 
 _VALIDATORS: dict[FileKind, tuple[Callable[[_Job], None], str]] = {
     FileKind.MARIADB_CNF: (_check_mariadb, "mariadbd --help --verbose"),
+    FileKind.MARIADB_CLIENT_CNF: (_check_mariadb_client, "my_print_defaults"),
     FileKind.REDIS_CONF: (_check_redis, "redis-server --port 0 (netns)"),
     FileKind.SENTINEL_CONF: (_check_sentinel, "redis-sentinel --port 0 (netns)"),
     FileKind.NGINX_CONF: (_check_nginx, "nginx -t (netns)"),
