@@ -269,3 +269,16 @@ def test_plan_is_deterministic_and_frozen() -> None:
     with pytest.raises(AttributeError):
         a.phase = 4  # type: ignore[misc]
     assert isinstance(a, Plan)
+
+
+def test_calibration_from_a_measured_knee() -> None:
+    # The ENVIRONMENT.md baseline: one app process on one core saturated at ~2877 authorize/s.
+    cal = Calibration.from_measured(2877, 1.0, source="baseline")
+    assert cal.app_ms == pytest.approx(0.3476, abs=1e-4)
+    plan = make_plan(load_inventory("ktcloud-1node"), load_phase(1), calibration=cal)
+    node = plan.node("node1")
+    assert node.predicted_bottleneck in ("app", "relay")  # the two are within 1 % of each other here
+    assert plan.capacity.per_node == (("node1", node.predicted_rps, node.predicted_bottleneck),)
+    assert plan.capacity.calibration == "baseline"
+    with pytest.raises(ValueError):
+        Calibration.from_measured(0, 1.0)

@@ -97,6 +97,14 @@ class Calibration:
     utilization: float = 0.7  # plan for 70 % busy: beyond that queueing pushes p95 past the gate's bound
     source: str = "defaults from the measured baseline in ENVIRONMENT.md"
 
+    @classmethod
+    def from_measured(cls, knee_rps: float, app_cpus: float, mix: float = 1.0, source: str = "measured") -> Calibration:
+        """Replace the app cost with a measurement: ``knee_rps`` requests/s (of a gate ``mix`` in
+        authorize-equivalents) saturated an app tier holding ``app_cpus`` CPUs."""
+        if knee_rps <= 0 or app_cpus <= 0:
+            raise ValueError("knee_rps and app_cpus must be > 0")
+        return cls(app_ms=app_cpus * 1000 / (knee_rps * mix), source=source)
+
 
 #: Request cost relative to an authorize (the gate's mix is converted to authorize-equivalents).
 ACTION_COST: Mapping[str, float] = {"authorize": 1.0, "capture": 1.0, "refund": 1.0, "void": 0.8, "get": 0.4}
@@ -251,6 +259,7 @@ class NodePlan:
     prometheus: PrometheusPlan | None = None
     disk: DiskPlan | None = None
     predicted_rps: int = 0
+    predicted_bottleneck: str = ""  # the node's request-path process that saturates first
 
     def component(self, name: str) -> ComponentPlan | None:
         return next((c for c in self.components if c.name == name), None)
@@ -856,7 +865,7 @@ def make_plan(
             book.why(
                 f"{node.name}.prometheus.retention", "15d", "15 days or 90 % of its disk share, whichever comes first"
             )
-        node_rps, _ = _node_capacity(comps, cpus, cal, _mix_factor(phase))
+        node_rps, node_bottleneck = _node_capacity(comps, cpus, cal, _mix_factor(phase))
         nodes.append(
             replace(
                 base,
@@ -873,6 +882,7 @@ def make_plan(
                 prometheus=prometheus,
                 disk=disk,
                 predicted_rps=node_rps,
+                predicted_bottleneck=node_bottleneck,
             )
         )
     capacity = _capacity(nodes, topo, phase, inv, cal, book)
@@ -1099,17 +1109,13 @@ def _capacity(
     elif total < inv.target_rps and all(n.active for n in nodes):
         book.warnings.append(f"predicted capacity {total} rps is below the inventory's target_rps {inv.target_rps}")
     return Capacity(
-        per_node=tuple((n.name, n.predicted_rps, _node_capacity_name(n)) for n in nodes if n.active and n.app),
+        per_node=tuple((n.name, n.predicted_rps, n.predicted_bottleneck) for n in nodes if n.active and n.app),
         total_rps=total,
         bottleneck=bottleneck,
         gate_rps=phase.gate.rps,
         target_rps=inv.target_rps,
         calibration=cal.source,
     )
-
-
-def _node_capacity_name(node: NodePlan) -> str:
-    return "app" if node.app else "-"
 
 
 def plan_as_dict(plan: Plan) -> dict[str, object]:
