@@ -1,0 +1,312 @@
+"""`payctl verify` (the k6 gate, a report per run, `--find-knee`) and `payctl calibrate` (the stored knee).
+
+Exit codes: 0 gate passed, 1 gate failed (every failed criterion printed, measured vs limit), 2 usage or inventory
+error, 3 target unreachable or k6 missing/crashed (no report is written then).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live as RichLive
+from rich.table import Table
+
+from payctl import calibrate as cal_mod
+from payctl.errors import ConfigError
+from payctl.gate import (
+    GateSpec,
+    Scenario,
+    Target,
+    check_target,
+    judge,
+    lb_url,
+    parse_duration,
+    parse_latency,
+    spec_from_phase,
+)
+from payctl.inventory import Inventory, load_inventory
+from payctl.loadrun import run_load
+from payctl.phase import Phase, load_phase
+from payctl.report import VerifyRun, write_report
+from payctl.serverchecks import ServerCheck, local_runner, payapp_checks, run_server_checks
+from payctl.timeseries import Live
+
+_EXAMPLES = """
+
+Examples:
+
+  payctl verify -i lab-1node --phase 1
+
+  payctl verify --url http://127.0.0.1:8080 --rps 50 --duration 5s --warmup 1s --p95 150ms --p99 300ms
+
+  payctl verify -i lab-1node --phase 1 --find-knee --from 100 --to 800 --step-size 100 --duration 10s
+
+Exit codes: 0 pass, 1 gate failed, 2 usage or inventory error, 3 target unreachable or k6 missing/crashed.
+"""
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _live_table(live: Live, spec: GateSpec) -> Table:
+    t = Table.grid(padding=(0, 2))
+    total = spec.warmup_s + spec.duration_s
+    p95 = f"{live.p95_ms:.1f} ms" if live.p95_ms is not None else "-"
+    t.add_row(
+        f"[bold]{live.stage}[/]",
+        f"elapsed {live.elapsed_s:5.0f}/{total:.0f}s",
+        f"rate {live.rate:7.0f}/s (offered {spec.rps})",
+        f"p95 so far {p95} (limit {spec.p95_ms:g})",
+        f"errors {live.errors}/{live.requests}",
+        f"dropped {live.dropped}",
+    )
+    return t
+
+
+def _load_env_file(path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--payapp-env {path}: {exc.strerror}", hint="the payapp env file of the target") from None
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            env[k.strip()] = v.strip().strip("'\"")
+    return env
+
+
+class _Context:
+    """What verify and calibrate resolve from their options before running anything."""
+
+    def __init__(
+        self,
+        inventory: str | None,
+        url: str | None,
+        phase_n: int | None,
+        overrides: dict[str, object],
+    ) -> None:
+        self.inv: Inventory | None = load_inventory(inventory) if inventory else None
+        if self.inv is None and url is None:
+            raise ConfigError("give an inventory (-i INV) or a --url to verify", hint="e.g. payctl verify -i lab-1node")
+        # The deployed phase will come from the deploy engine's record; until then an inventory means phase 1.
+        self.phase_defaulted = phase_n is None and self.inv is not None
+        number = phase_n if phase_n is not None else 1 if self.inv is not None else None
+        self.phase: Phase | None = load_phase(number) if number is not None else None
+        self.spec: GateSpec = spec_from_phase(self.phase, **overrides)
+        self.target: Target = check_target(url if url is not None else lb_url(self.inv) if self.inv else "", self.inv)
+        self.deployment = self.inv.deployment if self.inv else "local"
+
+    def warn(self) -> None:
+        if self.phase_defaulted:
+            err.print("note: no --phase given: using the gate of phase 1")
+        for w in self.target.warnings:
+            err.print(f"[yellow]warning:[/] {w}")
+
+
+def _run_gate(ctx: _Context, spec: GateSpec, checks: list[ServerCheck], quiet: bool) -> VerifyRun:
+    if quiet:
+        result = run_load(spec, ctx.target)
+    else:
+        with RichLive(_live_table(Live(0, "starting", 0, None, 0, 0, 0), spec), console=err, transient=True) as live:
+            result = run_load(spec, ctx.target, on_progress=lambda s: live.update(_live_table(s, spec)))
+    criteria = judge(result.summary, spec)
+    criteria += run_server_checks(checks, ctx.phase)
+    return VerifyRun(
+        deployment=ctx.deployment,
+        phase=ctx.phase.number if ctx.phase else None,
+        target=ctx.target.url,
+        spec=spec,
+        result=result,
+        criteria=criteria,
+        warnings=ctx.target.warnings,
+    )
+
+
+def _print_verdict(run: VerifyRun, report: Path) -> None:
+    table = Table(title_justify="left")
+    for col in ("criterion", "result", "measured", "limit"):
+        table.add_column(col)
+    for c in run.criteria:
+        res = "[dim]skipped[/]" if c.skipped else "[green]pass[/]" if c.passed else "[bold red]FAIL[/]"
+        table.add_row(c.name, res, c.measured, c.limit + (f" ({c.detail})" if c.detail else ""))
+    out.print(table)
+    verdict = "[bold green]PASS[/]" if run.passed else "[bold red]FAIL[/]"
+    out.print(f"gate {verdict}: report in {report}")
+    for c in run.criteria:
+        if not (c.passed or c.skipped):
+            err.print(f"gate failed: {c.name}: measured {c.measured}, limit {c.limit}", markup=False)
+
+
+def _knee(
+    ctx: _Context,
+    checks: list[ServerCheck],
+    start: int | None,
+    stop: int | None,
+    step: int | None,
+    report_dir: Path | None,
+    quiet: bool,
+) -> int:
+    target_rps = ctx.spec.rps
+    step = step or max(1, target_rps // 5)
+    start = start or step
+    stop = stop or max(start, 2 * target_rps)
+    rates = cal_mod.knee_rates(start, stop, step)
+
+    def one(rate: int) -> cal_mod.Step:
+        spec = dataclasses.replace(ctx.spec, rps=rate)
+        run = _run_gate(ctx, spec, checks, quiet)
+        s = run.result.summary
+        step_result = cal_mod.Step(
+            offered_rps=rate,
+            achieved_rps=s.achieved_rps,
+            mean_ms=s.avg_ms or 0.0,
+            p95_ms=s.p95_ms,
+            p99_ms=s.p99_ms,
+            error_rate=s.error_rate,
+            dropped=s.dropped,
+            passed=run.passed,
+            failed=tuple(c.name for c in run.criteria if not (c.passed or c.skipped)),
+        )
+        base = report_dir or Path("reports")
+        write_report(run, directory=base / f"knee-{ctx.deployment}-{rate}rps")
+        return step_result
+
+    def show(s: cal_mod.Step) -> None:
+        verdict = "pass" if s.passed else f"FAIL ({', '.join(s.failed)})"
+        p95 = f"{s.p95_ms:.1f}" if s.p95_ms is not None else "-"
+        out.print(f"  {s.offered_rps:6d}/s -> {s.achieved_rps:8.1f}/s  p95 {p95} ms  dropped {s.dropped}  {verdict}")
+
+    out.print(f"knee search: {', '.join(map(str, rates))} /s, {ctx.spec.duration_s:g}s each")
+    knee = cal_mod.find_knee(rates, one, show)
+    nodes = len(ctx.inv.with_role("app")) if ctx.inv else 1
+    runtime = ctx.inv.runtime if ctx.inv else "local"
+    calib = cal_mod.calibrate(knee, deployment=ctx.deployment, runtime=runtime, nodes=nodes, scenario=ctx.spec.scenario)
+    path = cal_mod.store(calib)
+    if knee.knee_rps is None:
+        out.print(f"[bold red]no knee:[/] the first step ({rates[0]}/s) already fails the gate")
+    else:
+        out.print(f"[bold]knee: {knee.knee_rps}/s[/] (highest passing rate, resolution {knee.step_rps}/s)")
+    if calib.fit is not None:
+        f = calib.fit
+        peak = f"{f.peak_rps:.0f}/s" if f.peak_rps != float("inf") else "not reached"
+        out.print(
+            f"model: {f.model} lambda={f.lam:.1f} sigma={f.sigma:.4f} kappa={f.kappa:.6f} "
+            f"(rmse {f.rmse:.1f}/s), ceiling {peak}"
+        )
+    out.print(f"calibration stored in {path}")
+    if knee.knee_rps is None and knee.steps and not knee.steps[0].passed:
+        return 1
+    return 0
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(epilog=_EXAMPLES)
+    def verify(
+        inventory: str = typer.Option(None, "-i", "--inventory", help="Inventory file or bundled name."),
+        rps: int = typer.Option(None, "--rps", help="Offered rate (iterations/s); default from the phase gate."),
+        duration: str = typer.Option(None, "--duration", help="Measured time, e.g. 2m, 30s."),
+        warmup: str = typer.Option(None, "--warmup", help="Warm-up before the measurement (excluded), e.g. 20s."),
+        p95: str = typer.Option(None, "--p95", help="p95 bound, e.g. 150ms, 0.5s."),
+        p99: str = typer.Option(None, "--p99", help="p99 bound, e.g. 300ms."),
+        max_error_rate: float = typer.Option(None, "--max-error-rate", help="Allowed fraction of failed requests."),
+        scenario: str = typer.Option(None, "--scenario", help="authorize | full-flow | mixed (phase: mixed)."),
+        merchants: int = typer.Option(None, "--merchants", help="Merchants the load is spread over."),
+        url: str = typer.Option(None, "--url", help="Target instead of the inventory's LB (loopback or inventory)."),
+        phase: int = typer.Option(None, "--phase", help="Phase whose gate gives the defaults (default 1)."),
+        report_dir: Annotated[
+            Path | None, typer.Option("--report-dir", help="Report directory instead of reports/<...>/.")
+        ] = None,
+        max_vus: int = typer.Option(None, "--max-vus", help="Cap k6's VU pool (k6 drops iterations beyond it)."),
+        payapp_env: Annotated[
+            Path | None, typer.Option("--payapp-env", help="Run the server-side checks here: `payapp` with this env.")
+        ] = None,
+        backlog_bound: str = typer.Option("60s", "--backlog-bound", help="Time the event backlog has to drain."),
+        find_knee: bool = typer.Option(False, "--find-knee", help="Step the rate until the gate fails."),
+        start: int = typer.Option(None, "--from", help="Knee search: first rate (default: step size)."),
+        stop: int = typer.Option(None, "--to", help="Knee search: last rate (default: 2x the gate's rate)."),
+        step_size: int = typer.Option(None, "--step-size", help="Knee search: rate increment (default rps/5)."),
+        quiet: bool = typer.Option(False, "--quiet", help="No live display."),
+        as_json: bool = typer.Option(False, "--json", help="Print only summary.json on stdout."),
+    ) -> None:
+        """Run the phase's k6 gate against the deployment and write a report with plots."""
+        if scenario is not None and scenario not in ("authorize", "full-flow", "mixed"):
+            raise ConfigError(f"--scenario: unknown {scenario!r}", hint="authorize, full-flow or mixed")
+        sc: Scenario | None = scenario  # type: ignore[assignment]
+        overrides: dict[str, object] = {
+            "rps": rps,
+            "duration_s": parse_duration(duration, what="--duration") if duration is not None else None,
+            "warmup_s": parse_duration(warmup, what="--warmup") if warmup is not None else None,
+            "p95_ms": parse_latency(p95, "--p95") if p95 is not None else None,
+            "p99_ms": parse_latency(p99, "--p99") if p99 is not None else None,
+            "max_error_rate": max_error_rate,
+            "scenario": sc,
+            "merchants": merchants,
+            "max_vus": max_vus,
+        }
+        if inventory is None and phase is None:
+            # A bare --url run has no phase gate: these defaults stand in for it (rps and p95 must be given).
+            p95_ms = overrides["p95_ms"]
+            defaults = {"duration_s": 30.0, "warmup_s": 0.0, "max_error_rate": 0.01, "merchants": 100}
+            if isinstance(p95_ms, float):
+                defaults["p99_ms"] = 2 * p95_ms
+            overrides = {k: (defaults.get(k) if v is None else v) for k, v in {**defaults, **overrides}.items()}
+        ctx = _Context(inventory, url, phase, {k: v for k, v in overrides.items() if v is not None})
+        ctx.warn()
+        checks: list[ServerCheck] = []
+        if payapp_env is not None:
+            runner = local_runner(_load_env_file(payapp_env))
+            checks = payapp_checks(runner, backlog_bound_s=parse_duration(backlog_bound, what="--backlog-bound"))
+        if find_knee:
+            raise typer.Exit(_knee(ctx, checks, start, stop, step_size, report_dir, quiet or as_json))
+        if ctx.phase is not None and not checks:
+            err.print("note: server-side checks (backlog, reconciliation) skipped: no --payapp-env runner given")
+        run = _run_gate(ctx, ctx.spec, checks, quiet or as_json)
+        path = write_report(run, directory=report_dir)
+        if as_json:
+            typer.echo((path / "summary.json").read_text(), nl=False)
+        else:
+            _print_verdict(run, path)
+        raise typer.Exit(run.exit_code)
+
+    @app.command(epilog=_EXAMPLES)
+    def calibrate(
+        inventory: str = typer.Option(..., "-i", "--inventory", help="Inventory file or bundled name."),
+        phase: int = typer.Option(None, "--phase", help="Phase whose target the prediction is judged against."),
+        nodes: int = typer.Option(None, "--nodes", help="App nodes to predict for (default: the inventory's)."),
+        as_json: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
+    ) -> None:
+        """Show the stored calibration (from `payctl verify --find-knee`) and the capacity it predicts."""
+        inv = load_inventory(inventory)
+        ph = load_phase(phase) if phase is not None else None
+        n = nodes or len(inv.with_role("app"))
+        target = ph.gate.rps if ph is not None else inv.target_rps
+        stored = cal_mod.load(inv.deployment, inv.runtime)
+        pred = cal_mod.predict_capacity(inv.deployment, inv.runtime, n, target, phase=phase)
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "calibrations": {str(k): v.as_dict() for k, v in stored.items()},
+                        "prediction": pred.__dict__ if pred else None,
+                    },
+                    indent=2,
+                )
+            )
+            return
+        if not stored:
+            raise ConfigError(
+                f"no calibration for deployment {inv.deployment} ({inv.runtime})",
+                hint=f"run payctl verify -i {inventory} --find-knee first",
+            )
+        for k, c in sorted(stored.items()):
+            out.print(f"{k} node(s): knee {c.knee_rps}/s ({c.scenario}, {len(c.steps)} steps)")
+        if pred is not None:
+            out.print(pred.message)
