@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,30 @@ def test_unreachable_host_is_a_deploy_error_naming_it(lab_2node: Lab, tmp_path: 
         pass
     assert err.value.message.startswith("cannot connect to node1 (root@10.77.0.99:22): ")
     assert "sshd runs" in err.value.hint
+
+
+def test_connection_errors_print_nothing_outside_pytest(lab_2node: Lab, tmp_path: Path) -> None:
+    """The core never prints: pyinfra's and paramiko's log records must not reach stderr (pytest's own log
+    capture would hide them, so this runs in a plain interpreter)."""
+    wrong = tmp_path / "wrong_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
+    script = f"""
+import yaml
+from pathlib import Path
+from payctl import hosts
+from payctl.errors import DeployError
+from payctl.inventory import parse_inventory, resolve_inventory_path
+data = yaml.safe_load(resolve_inventory_path("lab-1node").read_text())
+data["nodes"][0]["ssh"]["key"] = {str(wrong)!r}
+try:
+    with hosts.connect(parse_inventory(data), Path({str(lab_2node.home)!r})):
+        pass
+except DeployError as exc:
+    print(exc.message)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.stdout.startswith("cannot connect to node1 (root@10.77.0.11:22): Authentication error")
+    assert res.stderr == ""
 
 
 # ----------------------------------------------------------------------------------------------- down (runs last)

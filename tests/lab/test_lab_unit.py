@@ -257,6 +257,9 @@ def test_targets_use_public_address_or_private_through_the_jump_host(tmp_path: P
     assert t["witness"].describe() == "witness (root@198.51.100.13:22 via node1)"
     assert not hosts.is_lab(inv)
     assert hosts.is_lab(load_inventory("lab-2node"))
+    assert hosts.use_fake(inv, dry_run=True)
+    assert not hosts.use_fake(inv, dry_run=False)
+    assert not hosts.use_fake(load_inventory("lab-2node"), dry_run=True)
 
 
 def test_fake_connection_runs_operations_without_contacting_anyone(

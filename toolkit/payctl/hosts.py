@@ -16,6 +16,7 @@ Connection and operation failures become ``DeployError``s naming the node, its a
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -43,6 +44,12 @@ if TYPE_CHECKING:
     from pyinfra.api.host import Host
 
 LAB_NETWORK = ipaddress.IPv4Network("10.77.0.0/24")
+
+# The core never prints: without a handler, Python's last-resort handler would put pyinfra's and paramiko's
+# warnings and tracebacks on stderr. Errors reach the user as DeployErrors; a CLI may still configure logging.
+for _name in ("pyinfra", "paramiko"):
+    if not any(isinstance(h, logging.NullHandler) for h in logging.getLogger(_name).handlers):
+        logging.getLogger(_name).addHandler(logging.NullHandler())
 
 
 class SSHSpec(Protocol):
@@ -117,6 +124,11 @@ def targets(inventory: HostInventory, home: Path) -> dict[str, Target]:
 def is_lab(inventory: HostInventory) -> bool:
     """A lab inventory addresses only lab hosts (10.77.0.0/24 namespaces on this machine)."""
     return all(ipaddress.ip_address(n.public_address or n.private_address) in LAB_NETWORK for n in inventory.nodes)
+
+
+def use_fake(inventory: HostInventory, dry_run: bool) -> bool:
+    """Dry runs contact no host unless the inventory is a lab (lab hosts are on this machine: real facts are free)."""
+    return dry_run and not is_lab(inventory)
 
 
 class _Errors(BaseStateCallback):
