@@ -354,3 +354,14 @@ def test_sql() -> None:
 def test_namespaces_are_removed_even_after_failures() -> None:
     check(FileKind.NGINX_CONF, "garbage", "nginx/nginx.conf", addresses=("203.0.113.10",))
     assert our_namespaces() == []
+
+
+def test_app_env_goes_through_payapps_own_parser() -> None:
+    good = "PAYAPP_DB_URL=mysql://app:{{SECRET:mariadb_app}}@198.51.100.11:3306/payments\nPAYAPP_WORKERS=2\n"
+    r = check(FileKind.APP_ENV, good, "app.env", expect={"PAYAPP_WORKERS": "2"})
+    assert r.ok, r.detail
+    bad = check(FileKind.APP_ENV, good.replace("PAYAPP_WORKERS=2", "PAYAPP_WORKERS=0"), "app.env")
+    assert not bad.ok
+    assert "PAYAPP_WORKERS" in bad.detail
+    no_db = check(FileKind.APP_ENV, "PAYAPP_WORKERS=2\n", "app.env")
+    assert not no_db.ok and "PAYAPP_DB_URL" in no_db.detail

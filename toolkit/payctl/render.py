@@ -53,6 +53,7 @@ class FileKind(enum.StrEnum):
     SUPERVISOR_CONF = "supervisor_conf"
     SYSTEMD_UNIT = "systemd_unit"
     ENV_FILE = "env_file"
+    APP_ENV = "app_env"
     GRAFANA_JSON = "grafana_json"
     GRAFANA_YAML = "grafana_yaml"
     SQL = "sql"
@@ -729,7 +730,7 @@ def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Any)
             addresses=(node.nginx.listen_address, node.private_address),
             runtime_dirs=("nginx/run", "nginx/logs", "nginx/tmp"))
     if node.app is not None:
-        add("app/app.env.j2", "app.env", FileKind.ENV_FILE, "payapp settings", mode=0o600,
+        add("app/app.env.j2", "app.env", FileKind.APP_ENV, "payapp settings", mode=0o600,
             expect={k: v for k, v in node.app.env})
     if node.prometheus is not None:
         add("prometheus/prometheus.yml.j2", "prometheus/prometheus.yml", FileKind.PROMETHEUS_CONFIG, "scrape config")

@@ -69,6 +69,10 @@ class _Failure(Exception):
     """A validator's verdict: the file is not valid (message says why)."""
 
 
+class _Note(Exception):  # not an error: a passing check with something worth showing
+    """The file passed, with a remark for the result table."""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # entry point
 
@@ -117,6 +121,8 @@ def _check(job: _Job) -> CheckResult:
         check(job)
     except _Failure as exc:
         return CheckResult(f.key, f.kind, False, label, str(exc).strip(), time.monotonic() - start)
+    except _Note as exc:
+        return CheckResult(f.key, f.kind, True, label, str(exc).strip(), time.monotonic() - start)
     except subprocess.TimeoutExpired as exc:
         return CheckResult(f.key, f.kind, False, label, f"timed out after {exc.timeout:.0f}s", time.monotonic() - start)
     except FileNotFoundError as exc:
@@ -580,6 +586,44 @@ def _check_env(job: _Job) -> None:
         raise _Failure("\n".join(wrong))
 
 
+_PAYAPP_SCRIPT = """
+import re, sys
+try:
+    from payapp.settings import SPECS, PREFIX, Settings
+except ImportError:
+    print("payapp is not installed here: syntax checked only")
+    sys.exit(0)
+env = {}
+for line in open(sys.argv[1]):
+    line = line.rstrip("\\n")
+    if line and not line.startswith("#") and "=" in line:
+        k, v = line.split("=", 1)
+        env[k] = re.sub(r"\\{\\{SECRET:\\w+\\}\\}", "placeholder", v)
+try:
+    Settings.from_env(env)
+except Exception as exc:
+    print(getattr(exc, "message", str(exc)))
+    for p in getattr(exc, "problems", []) or []:
+        print(p)
+    sys.exit(1)
+known = {PREFIX + s.name for s in SPECS}
+unknown = sorted(k for k in env if k not in known)
+if unknown:
+    print("not (yet) read by this payapp: " + ", ".join(unknown))
+"""
+
+
+def _check_app_env(job: _Job) -> None:
+    """The app's env file: syntax, the plan's values, then payapp's own settings parser (when payapp is installed)."""
+    _check_env(job)
+    proc = _run([sys.executable, "-c", _PAYAPP_SCRIPT, str(job.path)])
+    if proc.returncode != 0:
+        raise _Failure(_tail(proc.stdout + proc.stderr))
+    note = proc.stdout.strip()
+    if note:
+        raise _Note(note)
+
+
 def check_dashboard(doc: object) -> list[str]:
     """A Grafana dashboard: a title, panels each with a title, a type and PromQL targets."""
     if not isinstance(doc, dict):
@@ -662,6 +706,7 @@ _VALIDATORS: dict[FileKind, tuple[Callable[[_Job], None], str]] = {
         "systemd-analyze verify" if shutil.which("systemd-analyze") else "unit structure",
     ),
     FileKind.ENV_FILE: (_check_env, "env file syntax"),
+    FileKind.APP_ENV: (_check_app_env, "payapp settings parser"),
     FileKind.GRAFANA_JSON: (_check_json, "dashboard JSON"),
     FileKind.GRAFANA_YAML: (_check_yaml, "provisioning YAML"),
     FileKind.SQL: (_check_sql, "SQL statements"),
