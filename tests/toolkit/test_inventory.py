@@ -111,7 +111,15 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     path.write_text("deployment: shop\nnodes:\n  - name: node1\n   cpus: [4\n")
     with pytest.raises(ConfigError) as info:
         load_inventory(path)
-    assert info.value.message.startswith(f"{path}: YAML syntax error at line 4")
+    assert info.value.message.startswith(f"{path}: invalid YAML at line 4")
+
+
+def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yml"
+    path.write_text("deployment: shop\nruntime: native\nnodes: []\nruntime: compose\n")
+    with pytest.raises(ConfigError) as info:
+        load_inventory(path)
+    assert info.value.message == f"{path}: invalid YAML at line 4, column 1: duplicate key 'runtime'"
 
 
 def test_every_problem_is_listed_by_path(tmp_path: Path) -> None:

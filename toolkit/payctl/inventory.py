@@ -272,6 +272,29 @@ class Inventory(BaseModel):
 
 # --------------------------------------------------------------------------------------------------- loading
 
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML data safely, rejecting duplicate keys; raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+
+
 _MODELS: dict[str, type[BaseModel]] = {
     "": Inventory,
     "nodes": Node,
@@ -490,14 +513,14 @@ def load_inventory(path_or_name: str | Path) -> Inventory:
             hint=f"give a path to a YAML file, or a bundled inventory name: {', '.join(bundled_inventories())}",
         )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(
-            f"{path}: YAML syntax error{where}: {problem}",
-            hint="fix the YAML syntax (indentation, a missing ':' or an unclosed quote)",
+            f"{path}: invalid YAML{where}: {problem}",
+            hint="fix the YAML (indentation, a missing ':', an unclosed quote, a key given twice)",
         ) from None
     inv = parse_inventory(data, str(path))
     problems = _sibling_problems(inv, path)

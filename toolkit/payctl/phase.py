@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from payctl.errors import ConfigError
-from payctl.inventory import RateLimits, _validation_problems
+from payctl.inventory import RateLimits, _validation_problems, load_yaml
 from payctl.paths import data_dir
 
 Feature = Literal[
@@ -134,7 +134,7 @@ class Phase(BaseModel):
 
 def _read(path: Path) -> PhaseFile:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except OSError:
         raise ConfigError(f"phase file missing: {path}", hint="reinstall payctl or restore phases/") from None
     except yaml.YAMLError as exc:
