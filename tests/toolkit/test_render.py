@@ -239,3 +239,29 @@ def test_users_sql_runs_on_a_real_mariadb_and_grants_least_privilege(mariadb: Ma
     assert "GRANT REPLICATION SLAVE ON *.* TO `replication`@`198.51.100.12`" in repl
     ddl = _mysql(mariadb, "SHOW GRANTS FOR 'migrate'@'198.51.100.11';")
     assert "ALTER" in ddl and "ON `payments`.*" in ddl
+
+
+@pytest.mark.slow
+def test_rendered_server_properties_runs_a_real_kraft_broker(tmp_path: Path) -> None:
+    """The rendered node1 server.properties (addresses moved to loopback, data to a temp dir) starts a real Apache
+    Kafka broker+controller formatted with --standalone: a dynamic quorum Kafka accepts, not only our key list."""
+    from tests.support.kafka import Kafka, KafkaNode
+
+    text = render(plan_for("ktcloud-1node", 1))["node1/kafka/server.properties"].text
+
+    class RenderedKafka(Kafka):
+        def _write(self, node: KafkaNode) -> None:
+            super()._write(node)  # log4j config and directories
+            assert node.port is not None and node.controller_port is not None
+            node.properties.write_text(
+                text.replace("198.51.100.11:9092", f"127.0.0.1:{node.port}")
+                .replace("198.51.100.11:9093", f"127.0.0.1:{node.controller_port}")
+                .replace("log.dirs=/var/lib/kafka/data", f"log.dirs={node.base / 'data'}")
+            )
+
+    kafka = RenderedKafka(tmp_path / "kafka", cluster_id=kafka_cluster_id("ktcloud-pay"))
+    try:
+        kafka.start(timeout=120)
+        assert "num.partitions=12" in kafka.nodes[0].properties.read_text()
+    finally:
+        kafka.remove()
