@@ -265,3 +265,75 @@ def test_rendered_server_properties_runs_a_real_kraft_broker(tmp_path: Path) -> 
         assert "num.partitions=12" in kafka.nodes[0].properties.read_text()
     finally:
         kafka.remove()
+
+
+def _start_redis(conf: str, base: Path, port: int, master_port: int | None) -> subprocess.Popen[bytes]:
+    """Run a rendered redis.conf on loopback: addresses and paths moved, everything else as rendered."""
+    base.mkdir(parents=True)
+    text = (conf.replace("bind 198.51.100.11 127.0.0.1", "bind 127.0.0.1")
+            .replace("bind 198.51.100.12 127.0.0.1", "bind 127.0.0.1")
+            .replace("port 6379\n", f"port {port}\n")
+            .replace("replica-announce-ip 198.51.100.12", "replica-announce-ip 127.0.0.1")
+            .replace("replica-announce-ip 198.51.100.11", "replica-announce-ip 127.0.0.1"))  # fmt: skip
+    if master_port is not None:
+        text = text.replace("replicaof 198.51.100.11 6379", f"replicaof 127.0.0.1 {master_port}")
+    lines = []
+    for line in text.splitlines():
+        word = line.split(" ", 1)[0]
+        lines.append({"dir": f"dir {base}", "logfile": f"logfile {base / 'redis.log'}",
+                      "pidfile": f"pidfile {base / 'redis.pid'}"}.get(word, line))  # fmt: skip
+    assert "198.51.100" not in "\n".join(lines)
+    (base / "redis.conf").write_text("\n".join(lines) + "\n")
+    return subprocess.Popen(["redis-server", str(base / "redis.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+
+@pytest.mark.slow  # the master waits repl-diskless-sync-delay (5 s) before the first full sync
+def test_rendered_redis_acls_and_replication_on_real_servers(tmp_path: Path) -> None:
+    """Master and replica from the rendered files: the replica syncs with its `replication` user, the app user can
+    run the app's rate-limit script, and the other users get only what they need."""
+    import redis
+
+    from tests.support.services import free_port, wait_until
+
+    secrets = {n: f"pw-{n}" for n in ("redis_app", "redis_replication", "redis_sentinel", "redis_exporter",
+                                      "mariadb_app", "mariadb_migrate", "mariadb_exporter", "mariadb_replication",
+                                      "mariadb_root", "grafana_admin")}  # fmt: skip
+    files = render(plan_for("ktcloud-2node", 5), secrets)
+    mport, rport = free_port(), free_port()
+    procs = [_start_redis(files["node1/redis/redis.conf"].text, tmp_path / "master", mport, None)]
+    procs.append(_start_redis(files["node2/redis/redis.conf"].text, tmp_path / "replica", rport, mport))
+    try:
+        def client(port: int, user: str | None = None) -> redis.Redis:
+            pw = secrets[f"redis_{user}"] if user else None
+            return redis.Redis(port=port, username=user, password=pw, socket_timeout=5)
+
+        wait_until(lambda: _ping(client(mport)) and _ping(client(rport)), 20, "rendered redis servers")
+        app = client(mport, "app")
+        script = app.register_script("local n = redis.call('INCR', KEYS[1]); redis.call('PEXPIRE', KEYS[1], "
+                                     "ARGV[1]); return {n, redis.call('PTTL', KEYS[1])}")  # fmt: skip
+        assert script(keys=["rl:m1:authorize"], args=[60000])[0] == 1
+        app.set("idem:m1:k1", "x", nx=True, px=10000)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            app.flushall()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client(mport).get("idem:m1:k1")  # default user: PING only
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client(mport, "replication").get("idem:m1:k1")
+        assert "redis_version" in client(mport, "exporter").info()
+        wait_until(lambda: client(rport, "exporter").info("replication").get("master_link_status") == "up", 20,
+                   "replica link up")  # fmt: skip
+        wait_until(lambda: client(rport, "app").get("idem:m1:k1") == b"x", 20, "key replicated")
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            client(rport, "app").set("k", "v")
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+def _ping(c: Any) -> bool:
+    try:
+        return bool(c.ping())
+    except Exception:
+        return False
