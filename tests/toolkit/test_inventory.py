@@ -150,6 +150,8 @@ def test_every_problem_is_listed_by_path(tmp_path: Path) -> None:
         "nodes[1].private_address: duplicate address 198.51.100.11 (also nodes[0].private_address)",
         "nodes[1].via: unknown node 'node9' (nodes: node1)",
         "nodes: no node has the role 'mariadb'",
+        "nodes: only one node may have the role 'lb' (nodes[0], nodes[1] do)",
+        "nodes: only one node may have the role 'monitoring' (nodes[0], nodes[1] do)",
     ]
 
 
@@ -222,7 +224,7 @@ def test_shared_node_must_be_described_identically(tmp_path: Path) -> None:
 def test_shared_node_must_keep_its_position(tmp_path: Path) -> None:
     one = _good()
     two = copy.deepcopy(one)
-    node2 = copy.deepcopy(one["nodes"][0]) | {"name": "node2", "private_address": "198.51.100.12"}
+    node2 = copy.deepcopy(one["nodes"][0]) | {"name": "node2", "private_address": "198.51.100.12", "roles": ["app"]}
     del node2["public_address"]
     two["nodes"].insert(0, node2)
     _write(tmp_path, one, "a.yml")
@@ -289,3 +291,23 @@ def test_docs_inventory_md_is_generated_from_the_model(update_golden: bool) -> N
     for model in (Inventory,):
         for name in model.model_fields:
             assert f"| `{name}` |" in text
+
+
+def test_one_lb_and_one_monitoring_node(tmp_path: Path) -> None:
+    data = _good()
+    second = copy.deepcopy(data["nodes"][0]) | {"name": "node2", "private_address": "198.51.100.12"}
+    del second["public_address"]
+    data["nodes"].append(second)
+    assert _problems(_write(tmp_path, data)) == [
+        "nodes: only one node may have the role 'lb' (nodes[0], nodes[1] do)",
+        "nodes: only one node may have the role 'monitoring' (nodes[0], nodes[1] do)",
+    ]
+
+
+def test_inventories_of_one_deployment_agree_on_runtime(tmp_path: Path) -> None:
+    one = _good()
+    _write(tmp_path, one, "shop-1node.yml")
+    two = copy.deepcopy(one) | {"runtime": "compose"}
+    assert _problems(_write(tmp_path, two, "shop-2node.yml")) == [
+        "runtime: 'compose' but shop-1node.yml (same deployment) says 'native'"
+    ]

@@ -33,6 +33,8 @@ Component = Literal[
 ROLES: tuple[Role, ...] = ("app", "consumer", "mariadb", "redis", "kafka", "lb", "monitoring", "witness")
 # Roles some node must carry in every inventory (monitoring is required by the phases that need it, see plan.py).
 REQUIRED_ROLES: tuple[Role, ...] = ("app", "consumer", "mariadb", "redis", "kafka", "lb")
+# One load balancer (the node holding the public address) and one Prometheus per deployment.
+SINGLE_ROLES: tuple[Role, ...] = ("lb", "monitoring")
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -414,6 +416,14 @@ def _cross_problems(data: Mapping[str, Any]) -> list[str]:
     for role in REQUIRED_ROLES:
         if role not in carried:
             problems.append(f"nodes: no node has the role '{role}'")
+    for role in SINGLE_ROLES:
+        holders = [
+            f"nodes[{i}]"
+            for i, n in enumerate(nodes)
+            if isinstance(n.get("roles"), list | tuple) and role in n["roles"]
+        ]
+        if len(holders) > 1:
+            problems.append(f"nodes: only one node may have the role '{role}' ({', '.join(holders)} do)")
     for i, node in enumerate(nodes):
         roles = node.get("roles")
         witness = isinstance(roles, list | tuple) and "witness" in roles
@@ -558,7 +568,8 @@ Rules beyond the types below:
 - node names and `deployment` match `^[a-z][a-z0-9-]{0,30}$`; addresses are IP addresses (parsed, not resolved);
   paths use only letters, digits and `. _ / + -` (nothing a shell or template could interpret), `prefix` absolute;
 - node names and addresses are unique; `via` names another node, which itself has no `via` (one hop);
-- some node carries each of the roles app, consumer, mariadb, redis, kafka and lb (monitoring: from phase 4);
+- some node carries each of the roles app, consumer, mariadb, redis, kafka and lb (monitoring: from phase 4); at
+  most one node carries lb, and at most one monitoring;
   a `witness` carries no other role; a node running services has at least 1 CPU and 1 GB; every node 2 GB of disk;
 - inventories of one deployment in the same folder (1-node and 2-node) agree on `runtime` and `prefix`, and a node
   present in both is described identically and at the same position (MariaDB `server_id` and Kafka `node.id` come
