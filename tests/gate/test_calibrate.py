@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from payctl.calibrate import (
     MAX_STEPS,
     Calibration,

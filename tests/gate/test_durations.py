@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from payctl.errors import ConfigError
 from payctl.gate import k6_duration, parse_duration, parse_latency
 

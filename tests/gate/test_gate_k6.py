@@ -1,0 +1,110 @@
+"""payctl verify end to end: real k6 against a real `payapp serve` on loopback (short runs: 2 shared cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from payctl.cli import run
+from tests.gate.conftest import PayappServer
+from tests.support.services import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_gate_passes_at_a_modest_rate_and_writes_the_report(
+    payapp_server: PayappServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = run(["verify", "--url", payapp_server.url, "--phase", "1", "--rps", "50", "--duration", "5s",
+              "--warmup", "1s", "--merchants", "20", "--quiet", "--report-dir", str(tmp_path / "r")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.out + captured.err
+    assert f"gate PASS: report in {tmp_path / 'r'}" in captured.out
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["verdict"] == "pass" and summary["phase"] == 1
+    m = summary["measured"]
+    assert 49 <= m["achieved_rps"] <= 51 and m["dropped"] == 0 and m["failed_requests"] == 0
+    assert m["functional_passes"] > 200 and m["functional_fails"] == 0
+    assert summary["gate"]["scenario"] == "mixed" and summary["gate"]["p95_ms"] == 150
+    names = [c["name"] for c in summary["criteria"]]
+    assert names[:5] == ["achieved rate", "p95 latency", "p99 latency", "error rate", "functional checks"]
+    stages = {p["stage"] for p in summary["series"]}
+    assert stages == {"warmup", "measure"}
+    measured = [p for p in summary["series"] if p["stage"] == "measure"]
+    assert sum(p["rps"] for p in measured) >= 240  # 5 s at 50/s, minus the partial edge seconds
+    assert (tmp_path / "r" / "report.md").read_text().startswith("# verify local phase 1: PASS")
+    assert '<path class="series"' in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_full_flow_checks_every_step_and_the_idempotent_replay(payapp_server: PayappServer, tmp_path: Path) -> None:
+    rc = run(["verify", "--url", payapp_server.url, "--rps", "20", "--duration", "3s", "--p95", "150ms",
+              "--scenario", "full-flow", "--quiet", "--report-dir", str(tmp_path)])  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert rc == 0, summary["criteria"]
+    m = summary["measured"]
+    # per flow: authorize + replay + capture (+ a refund 30 % of the time)
+    assert m["requests"] >= 3 * m["iterations"] and m["iterations"] >= 58
+    assert m["functional_fails"] == 0 and m["functional_passes"] >= 6 * m["iterations"]
+
+
+def test_impossible_p95_fails_with_exit_1_and_lists_measured_vs_limit(
+    payapp_server: PayappServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = run(["verify", "--url", payapp_server.url, "--rps", "20", "--duration", "2s", "--p95", "0.01ms",
+              "--p99", "300ms", "--quiet", "--report-dir", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "gate failed: p95 latency: measured " in err and ", limit <= 0.01ms" in err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["verdict"] == "fail" and summary["failed"] == ["p95 latency"]
+
+
+def test_unreachable_rate_fails_on_dropped_iterations(
+    payapp_server: PayappServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One VU cannot keep 400 requests/s in flight when each takes milliseconds: k6 drops the rest.
+    rc = run(["verify", "--url", payapp_server.url, "--rps", "400", "--max-vus", "1", "--duration", "2s",
+              "--p95", "150ms", "--quiet", "--report-dir", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "gate failed: achieved rate: measured " in err and "limit >= 392.0/s (98% of 400)" in err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "achieved rate" in summary["failed"]
+    assert summary["measured"]["dropped"] > 0
+    assert summary["measured"]["achieved_rps"] < 392
+
+
+def test_closed_port_is_exit_3_with_a_clear_message_and_no_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    port = free_port()  # bound and released: nothing listens there
+    rc = run(["verify", "--url", f"http://127.0.0.1:{port}", "--rps", "10", "--duration", "1s", "--p95", "1s"])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert (
+        f"error: target unreachable: GET http://127.0.0.1:{port}/health failed: [Errno 111] Connection refused" in err
+    )
+    assert "hint: is the deployment up?" in err
+    assert not (tmp_path / "reports").exists()
+
+
+def test_missing_or_crashing_k6_is_exit_3(
+    payapp_server: PayappServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["verify", "--url", payapp_server.url, "--rps", "10", "--duration", "1s", "--p95", "1s", "--quiet"]
+    monkeypatch.setenv("PAYCTL_K6", str(tmp_path / "no-such-k6"))
+    assert run(argv) == 3
+    assert "error: k6 is not installed" in capsys.readouterr().err
+    crashing = tmp_path / "k6"
+    crashing.write_text("#!/bin/sh\necho 'panic: something broke' >&2\nexit 107\n")
+    crashing.chmod(0o755)
+    monkeypatch.setenv("PAYCTL_K6", str(crashing))
+    assert run(argv) == 3
+    assert "error: k6 failed (exit 107): panic: something broke" in capsys.readouterr().err
+    assert not (tmp_path / "reports").exists()
+    assert os.environ["PAYCTL_K6"] == str(crashing)
