@@ -40,7 +40,7 @@ def test_k6_line_layout_matches_what_the_bucketer_looks_for() -> None:
 def test_seconds_hold_rate_percentiles_errors_and_dropped() -> None:
     b = Bucketer(settle_s=1)
     for i in range(100):  # second 0: warm-up, 100 requests of 1..100 ms
-        b.feed(point("http_req_duration", "2026-11-25T10:00:00.%06dZ" % (i * 1000), float(i + 1), "warmup"))
+        b.feed(point("http_req_duration", f"2026-11-25T10:00:00.{i * 1000:06d}Z", float(i + 1), "warmup"))
         b.feed(point("iterations", "2026-11-25T10:00:00.5Z", 1, "warmup"))
     for i in range(50):  # second 1: measured, 5 failures (503)
         b.feed(point("http_req_duration", "2026-11-25T10:00:01.1Z", 2.0, ok=i >= 5, status=200 if i >= 5 else 503))
