@@ -6,6 +6,7 @@ import json
 import subprocess
 
 import pytest
+
 from payctl.render import FileKind, RenderedFile
 from payctl.validate import CheckResult, check_kafka_properties, validate_files
 
@@ -365,3 +366,30 @@ def test_app_env_goes_through_payapps_own_parser() -> None:
     assert "PAYAPP_WORKERS" in bad.detail
     no_db = check(FileKind.APP_ENV, "PAYAPP_WORKERS=2\n", "app.env")
     assert not no_db.ok and "PAYAPP_DB_URL" in no_db.detail
+
+
+RULE_TEST = """\
+rule_files: [payments.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'payapp_requests_total{status="500"}'
+        values: '0+10x20'
+    alert_rule_test:
+      - eval_time: 15m
+        alertname: HighErrorRate
+        exp_alerts: [{exp_labels: {}}]
+"""
+
+
+def test_promtool_rule_tests_pass_and_fail() -> None:
+    rules = RenderedFile("n1", "prometheus/rules/payments.yml", FileKind.PROMETHEUS_RULES, RULES)
+    good = RenderedFile("n1", "prometheus/rules/t.yml", FileKind.PROMETHEUS_RULE_TESTS, RULE_TEST)
+    rs = check_many(rules, good)
+    assert rs["n1/prometheus/rules/t.yml"].ok, rs["n1/prometheus/rules/t.yml"].detail
+    # The alert would need 10 more minutes of errors than the input gives: the unit test must fail.
+    bad = RenderedFile("n1", "prometheus/rules/t.yml", FileKind.PROMETHEUS_RULE_TESTS,
+                       RULE_TEST.replace("eval_time: 15m", "eval_time: 3m"))
+    rs = check_many(rules, bad)
+    assert not rs["n1/prometheus/rules/t.yml"].ok
