@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from typing import Any
 
 import pytest
+
 from payctl.errors import ConfigError
 from payctl.inventory import Inventory, load_inventory, parse_inventory
 from payctl.phase import PHASES, Phase, load_phase
@@ -282,3 +284,21 @@ def test_calibration_from_a_measured_knee() -> None:
     assert plan.capacity.calibration == "baseline"
     with pytest.raises(ValueError):
         Calibration.from_measured(0, 1.0)
+
+
+@pytest.mark.parametrize(("inv", "n"), [("ktcloud-2node", 5), ("lab-1node", 4)])
+def test_every_derived_number_is_explained(inv: str, n: int) -> None:
+    plan = make_plan(load_inventory(inv), load_phase(n))
+    missing = []
+    for node in plan.active_nodes:
+        for section in ("app", "relay", "consumer", "mariadb", "redis", "sentinel", "kafka", "nginx", "prometheus"):
+            settings = getattr(node, section)
+            if settings is None:
+                continue
+            for f in fields(settings):
+                value = getattr(settings, f.name)
+                if f.name in ("port", "metrics_port") or isinstance(value, bool):
+                    continue
+                if isinstance(value, int | float) and not plan.why(f"{node.name}.{section}.{f.name}"):
+                    missing.append(f"{node.name}.{section}.{f.name}")
+    assert missing == []

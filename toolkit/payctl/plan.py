@@ -774,6 +774,7 @@ def make_plan(
             apps[node.name] = _app(inv, node, phase, cpus["app"], mem["app"], cal, bootstrap, book)
         if "relay" in comps:
             relays[node.name] = WorkerPlan(1, RELAY_DB_POOL, PORTS["relay_metrics"])
+            book.why(f"{node.name}.relay.db_pool", RELAY_DB_POOL, "one batch transaction at a time, plus one spare")
             book.why(
                 f"{node.name}.relay.processes",
                 1,
@@ -783,6 +784,11 @@ def make_plan(
             procs = max(1, math.ceil(cpus["consumer"] - 1e-9))
             consumers[node.name] = WorkerPlan(procs, CONSUMER_DB_POOL, PORTS["consumer_metrics"])
             book.why(f"{node.name}.consumer.processes", procs, "ceil(consumer CPUs): one asyncio process per core")
+            book.why(
+                f"{node.name}.consumer.db_pool",
+                CONSUMER_DB_POOL,
+                "settlement and reconciliation write in few, short transactions",
+            )
     total_consumers = sum(c.processes for c in consumers.values())
     if total_consumers > partitions:
         book.warnings.append(f"{total_consumers} consumer processes but {partitions} partitions: some stay idle")
@@ -848,6 +854,7 @@ def make_plan(
             redis = _redis(node, role["redis"], mem["redis"], redis_master.private_address, book)
         if "sentinel" in comps and redis_master is not None:
             sentinel = SentinelPlan("payctl", redis_master.private_address, topo.sentinel_quorum, PORTS["sentinel"])
+            book.why(f"{node.name}.sentinel.quorum", topo.sentinel_quorum, "a majority of the Sentinels must agree")
         kafka_node: KafkaNodePlan | None = None
         if "kafka" in comps:
             heap = max(128, int(mem["kafka"] * 0.5) // 64 * 64)
@@ -858,12 +865,18 @@ def make_plan(
                 "writes through",
             )
             kafka_node = KafkaNodePlan(index[node.name], role["kafka"], heap, retention_h or None)
+            book.why(f"{node.name}.kafka.node_id", index[node.name], "the node's position in the inventory")
+            if retention_h:
+                book.why(f"{node.name}.kafka.retention_hours", retention_h, "from the disk budget (Kafka share)")
         nginx = _nginx(node, cpus["nginx"], inv, phase, topo, book) if "nginx" in comps else None
         prometheus: PrometheusPlan | None = None
         if "prometheus" in comps:
             prometheus = PrometheusPlan(15, max(1, int(prom_gb * 0.9)), _targets(inv, sized))
+            book.why(f"{node.name}.prometheus.retention_days", 15, "two weeks of history; the size bound may cut it")
             book.why(
-                f"{node.name}.prometheus.retention", "15d", "15 days or 90 % of its disk share, whichever comes first"
+                f"{node.name}.prometheus.retention_size_gb",
+                prometheus.retention_size_gb,
+                "90 % of its disk share, so the TSDB never outgrows it",
             )
         node_rps, node_bottleneck = _node_capacity(comps, cpus, cal, _mix_factor(phase))
         nodes.append(
@@ -1005,6 +1018,8 @@ def _mariadb(
         bp = 128
     book.why(f"{n}.mariadb.server_id", server_id, "the node's position in the inventory: unique and stable")
     book.why(f"{n}.mariadb.role", role, "replicas are read_only and follow the primary with MASTER_USE_GTID")
+    book.why(f"{n}.mariadb.max_connections", max_conn, "see mariadb.max_connections")
+    book.why(f"{n}.mariadb.binlog_expire_days", binlog_days, "from the disk budget (binlog share)")
     return MariaDBPlan(role, server_id, bp, max_conn, binlog_days, role != "primary", primary)
 
 
@@ -1034,6 +1049,10 @@ def _nginx(node: Node, cpus: float, inv: Inventory, phase: Phase, topo: Topology
         "rate x p99 x 2 (client + upstream) x 4 for bursts, a power of two, at least 1024",
     )
     ups = tuple(f"{inv.node(u).private_address}:{PORTS['app']}" for u in topo.lb_upstreams)
+    book.why(f"{node.name}.nginx.upstream_keepalive", 64, "idle connections kept to the app per nginx worker: no "
+             "TCP handshake per request")  # fmt: skip
+    book.why(f"{node.name}.nginx.max_fails", 3, "passive health: 3 failures within fail_timeout mark an upstream down")
+    book.why(f"{node.name}.nginx.fail_timeout_s", 10, "an upstream marked down is retried after 10 s")
     return NginxPlan(workers, conns, node.public_address or node.private_address, ups, 64, 3, 10)
 
 
