@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -257,8 +258,13 @@ def test_down_removes_only_the_lab(lab_2node: Lab) -> None:
     for node in lab_2node.nodes:
         out = subprocess.run(["ip", "netns", "pids", node.namespace], capture_output=True, text=True, check=True)
         pids |= {int(p) for p in out.stdout.split()}
-    assert len(pids) >= 4  # three sshds and the sleep started over SSH
-    steps = lab.lab_down(lab_2node.inventory, lab_2node.home)
+    stubborn = lab_2node.ssh("10.77.0.12", "nohup sh -c 'trap \"\" TERM; sleep 120' >/dev/null 2>&1 & echo $!")
+    assert stubborn.returncode == 0, stubborn.stderr
+    pids.add(int(stubborn.stdout))
+    assert len(pids) >= 5  # three sshds, the sleep started over SSH and the TERM-ignoring shell
+    started = time.monotonic()
+    steps = lab.lab_down(lab_2node.inventory, lab_2node.home, stop_timeout=1.0)
+    assert time.monotonic() - started < 10  # the shell ignoring SIGTERM got SIGKILL after the 1 s deadline
     assert steps
     assert lab_2node.bystander in _namespaces()
     assert not {n for n in _namespaces() if n.startswith("pl-lab-")}

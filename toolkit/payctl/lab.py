@@ -830,15 +830,22 @@ def lab_up(inventory: LabInventory, home: Path, runner: Runner = run_command, pr
 
 
 def lab_down(
-    inventory: LabInventory, home: Path, runner: Runner = run_command, progress: Progress = _noop
+    inventory: LabInventory,
+    home: Path,
+    runner: Runner = run_command,
+    progress: Progress = _noop,
+    stop_timeout: float = 10.0,
 ) -> list[Step]:
-    """Stop everything inside the lab's namespaces and remove only what the lab created; returns the steps taken."""
+    """Stop everything inside the lab's namespaces and remove only what the lab created; returns the steps taken.
+
+    Processes get SIGTERM, and SIGKILL when still there after ``stop_timeout`` seconds.
+    """
     require_root("down")
     nodes = layout(inventory)
     cgroups = detect_cgroups()
     with _lab_lock():
         steps = plan_down(nodes, home, observe(nodes, home, cgroups, runner), cgroups)
-        _run_steps(steps, runner, progress)
+        _run_steps(steps, runner, progress, stop_timeout)
         return steps
 
 
@@ -870,7 +877,7 @@ def lab_status(inventory: LabInventory, home: Path, runner: Runner = run_command
     return rows
 
 
-def _run_steps(steps: Sequence[Step], runner: Runner, progress: Progress) -> None:
+def _run_steps(steps: Sequence[Step], runner: Runner, progress: Progress, stop_timeout: float = 10.0) -> None:
     for step in steps:
         progress(step)
-        execute([step], runner)
+        execute([step], runner, stop_timeout=stop_timeout)
