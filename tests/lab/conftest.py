@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from payctl import lab
 from payctl.inventory import Inventory, load_inventory
 

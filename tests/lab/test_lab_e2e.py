@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pyinfra.operations import files, server
+
 from payctl import hosts, lab
 from payctl.cli import run
 from payctl.errors import DeployError
 from payctl.inventory import Inventory, load_inventory, parse_inventory, resolve_inventory_path
-from pyinfra.operations import files, server
-
 from tests.lab.conftest import Lab, ping_from
 from tests.support.services import wait_until
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pyinfra.operations import files, server
+
 from payctl import hosts, lab
 from payctl.cli import run
 from payctl.errors import ConfigError, DeployError, PayctlError
 from payctl.inventory import Inventory, load_inventory, parse_inventory, resolve_inventory_path
-from pyinfra.operations import files, server
 
 V1 = lab.Cgroups(1, Path("/cg"))
 V2 = lab.Cgroups(2, Path("/cg2"))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from payctl.errors import PayctlError
 from payctl.secrets import (
     REDACTED,
