@@ -242,7 +242,7 @@ def _mariadb_context(plan: Plan, node: NodePlan, secret: Any) -> dict[str, objec
     db_hosts = [addr[name] for name in (topo.mariadb_primary, *topo.mariadb_replicas)]
     users: list[dict[str, object]] = []
     dml = ("SELECT, INSERT, UPDATE, DELETE", f"`{DATABASE}`.*")
-    ddl = ("SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, DROP, INDEX, REFERENCES, CREATE VIEW, LOCK TABLES",
+    ddl = ("SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, DROP, INDEX, REFERENCES, CREATE VIEW, LOCK TABLES, TRIGGER",
            f"`{DATABASE}`.*")  # fmt: skip
     for host in app_hosts:
         users.append(_user("app", host, secret("mariadb_app"), dml))
