@@ -346,7 +346,8 @@ def _message(err: Mapping[str, Any]) -> str:
     return msg[0].lower() + msg[1:] if msg else kind
 
 
-def _validation_problems(exc: ValidationError) -> list[str]:
+def validation_problems(exc: ValidationError) -> list[str]:
+    """pydantic's errors as ``path: message`` lines (``nodes[1].memory_gb: must be > 0``)."""
     problems = []
     errors = exc.errors()
     for err in errors:
@@ -503,7 +504,7 @@ def parse_inventory(data: object, source: str = "inventory") -> Inventory:
     try:
         inv = Inventory.model_validate(data)
     except ValidationError as exc:
-        problems = _validation_problems(exc)
+        problems = validation_problems(exc)
     problems += _cross_problems(data)
     if problems or inv is None:
         raise ConfigError(

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from payctl.errors import ConfigError
-from payctl.inventory import RateLimits, _validation_problems, load_yaml
+from payctl.inventory import RateLimits, load_yaml, validation_problems
 from payctl.paths import data_dir
 
 Feature = Literal[
@@ -145,7 +145,7 @@ def _read(path: Path) -> PhaseFile:
         return PhaseFile.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(
-            f"{path}: invalid phase file", hint="fix the keys listed above", problems=_validation_problems(exc)
+            f"{path}: invalid phase file", hint="fix the keys listed above", problems=validation_problems(exc)
         ) from None
 
 
