@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from payctl.cli import run
 from payctl.inventory import load_inventory
 

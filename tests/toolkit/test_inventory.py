@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from payctl.errors import ConfigError
 from payctl.inventory import Inventory, inventory_reference, load_inventory, parse_inventory, resolve_inventory_path
 from payctl.paths import data_dir

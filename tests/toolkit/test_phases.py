@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from payctl.errors import ConfigError
 from payctl.paths import data_dir
 from payctl.phase import PHASES, load_phase
