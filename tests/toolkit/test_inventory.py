@@ -92,6 +92,9 @@ def test_ssh_key_resolves_against_payctl_home_and_need_not_exist(
     monkeypatch.delenv("PAYCTL_HOME")
     monkeypatch.chdir(tmp_path)
     assert node.ssh.key_path() == tmp_path / ".payctl" / "lab" / "id_ed25519"
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    home_key = node.ssh.model_copy(update={"key": "~/.ssh/id_ed25519"})
+    assert home_key.key_path() == tmp_path / "user" / ".ssh" / "id_ed25519"
 
 
 def test_models_are_frozen() -> None:
@@ -311,4 +314,14 @@ def test_inventories_of_one_deployment_agree_on_runtime(tmp_path: Path) -> None:
     two = copy.deepcopy(one) | {"runtime": "compose"}
     assert _problems(_write(tmp_path, two, "shop-2node.yml")) == [
         "runtime: 'compose' but shop-1node.yml (same deployment) says 'native'"
+    ]
+
+
+def test_ssh_key_in_the_users_home_is_accepted_but_not_other_tilde_forms(tmp_path: Path) -> None:
+    data = _good()
+    data["nodes"][0]["ssh"]["key"] = "~/.ssh/id_ed25519"
+    assert load_inventory(_write(tmp_path, data)).nodes[0].ssh.key == "~/.ssh/id_ed25519"
+    data["nodes"][0]["ssh"]["key"] = "~root/.ssh/id_ed25519"
+    assert _problems(_write(tmp_path, data)) == [
+        "nodes[0].ssh.key: must be a plain path (letters, digits, . _ / + -; no whitespace, quotes, $ or backticks)"
     ]

@@ -74,7 +74,7 @@ class SSH(BaseModel):
     user: str = Field(default="root", description="Login user on the node.")
     key: str = Field(
         default=...,
-        description="Private key file. A relative path resolves against PAYCTL_HOME (default ./.payctl); "
+        description="Private key file: absolute, `~/...`, or relative to PAYCTL_HOME (default ./.payctl); "
         "lab inventories use lab/id_ed25519, which `payctl lab up` generates. Need not exist for plan/render/dry-run.",
     )
     port: int = Field(default=22, ge=1, le=65535, description="SSH port.")
@@ -89,11 +89,13 @@ class SSH(BaseModel):
     @field_validator("key")
     @classmethod
     def _key(cls, v: str) -> str:
+        if v.startswith("~/"):
+            return "~/" + _check_path(v[2:], absolute=False)
         return _check_path(v, absolute=False)
 
     def key_path(self, home: Path | None = None) -> Path:
-        """The key file: absolute as written, or relative to ``home`` (default: PAYCTL_HOME)."""
-        p = Path(self.key)
+        """The key file: absolute as written, ``~/`` in the user's home, or relative to ``home`` (PAYCTL_HOME)."""
+        p = Path(self.key).expanduser()
         return p if p.is_absolute() else (home or payctl_home()) / p
 
 
