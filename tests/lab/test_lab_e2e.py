@@ -250,6 +250,28 @@ except DeployError as exc:
     assert res.stderr == ""
 
 
+def test_a_regenerated_host_key_is_served_and_trusted_in_the_same_process(lab_2node: Lab, tmp_path: Path) -> None:
+    """Earlier tests connected to the witness from this process; its host key changes: lab up reloads sshd and
+    rewrites known_hosts, and the connection layer must not keep trusting the key it had cached."""
+    witness = lab_2node.nodes[2]
+    old_key = witness.host_key.with_name(witness.host_key.name + ".pub").read_text()
+    pid = int(witness.pid_file.read_text())
+    for f in (witness.host_key, witness.host_key.with_name(witness.host_key.name + ".pub")):
+        f.unlink()
+    steps = [s.why for s in lab.lab_up(lab_2node.inventory, lab_2node.home)]
+    assert steps[0] == "witness host key"
+    assert f"reload witness's sshd (pid {pid})" in steps
+    new_key = witness.host_key.with_name(witness.host_key.name + ".pub").read_text()
+    assert new_key != old_key
+    assert new_key.split()[1] in (lab_2node.home / "lab" / "known_hosts").read_text()
+    wait_until(lambda: lab_2node.ssh(witness.address, "true").returncode == 0, 5, "the witness to serve its new key")
+    with hosts.connect(_inventory_with_jump(tmp_path), lab_2node.home, nodes=["witness"]) as conn:
+        shell = conn.add_op(server.shell, commands=["echo ok"])
+        conn.run()
+    assert [m.stdout for m in shell.values()] == ["ok"]
+    assert int(witness.pid_file.read_text()) == pid  # reloaded, not restarted
+
+
 # ----------------------------------------------------------------------------------------------- down (runs last)
 
 

@@ -36,6 +36,7 @@ from pyinfra.api.inventory import Inventory as PyinfraInventory
 from pyinfra.api.operation import add_op
 from pyinfra.api.operations import run_ops
 from pyinfra.api.state import BaseStateCallback, State
+from pyinfra.connectors.sshuserclient.client import get_host_keys
 
 from payctl.errors import DeployError
 from payctl.secrets import DIR_MODE, known_hosts_path
@@ -305,6 +306,8 @@ def connect(
                 jumps.append(client)
                 data["ssh_paramiko_connect_kwargs"] = {"sock": channel}
             names.append((node, data))
+        # pyinfra memoises known_hosts per process; `lab up` may have rewritten the file since (new lab host keys).
+        get_host_keys.cache.clear()
         errors = _Errors()
         config = Config(CONNECT_TIMEOUT=timeout, FAIL_PERCENT=0)  # type: ignore[no-untyped-call]
         state = State(PyinfraInventory((names, {})), config)  # type: ignore[no-untyped-call]

@@ -524,8 +524,17 @@ def plan_keys(nodes: Sequence[NodeLayout], home: Path, state: LabState) -> list[
     return steps
 
 
-def plan_up(nodes: Sequence[NodeLayout], home: Path, state: LabState, cgroups: Cgroups) -> list[Step]:
-    """What is missing or different, in dependency order; an empty list means the lab is up as described."""
+def plan_up(
+    nodes: Sequence[NodeLayout],
+    home: Path,
+    state: LabState,
+    cgroups: Cgroups,
+    new_host_keys: frozenset[str] = frozenset(),
+) -> list[Step]:
+    """What is missing or different, in dependency order; an empty list means the lab is up as described.
+
+    ``new_host_keys``: nodes whose host key was just (re)generated; a running sshd there must reload to serve it.
+    """
     steps: list[Step] = []
     bridge_cidr = f"{BRIDGE_ADDRESS}/{LAB_NETWORK.prefixlen}"
     if not state.bridge:
@@ -544,7 +553,7 @@ def plan_up(nodes: Sequence[NodeLayout], home: Path, state: LabState, cgroups: C
         steps.append(WriteFile(path, text, f"enable cpu+memory controllers in {path.parent}", mode=None))
     public_key = state.client_public_key or ""
     for node in nodes:
-        steps += _plan_node_up(node, state.nodes[node.node], cgroups, public_key)
+        steps += _plan_node_up(node, state.nodes[node.node], cgroups, public_key, node.node in new_host_keys)
     known = _known_hosts_text(nodes, home, state)
     if known is not None:
         path = known_hosts_path(home, nodes[0].deployment)
@@ -554,7 +563,7 @@ def plan_up(nodes: Sequence[NodeLayout], home: Path, state: LabState, cgroups: C
     return steps
 
 
-def _plan_node_up(node: NodeLayout, st: NodeState, cgroups: Cgroups, public_key: str) -> list[Step]:
+def _plan_node_up(node: NodeLayout, st: NodeState, cgroups: Cgroups, public_key: str, new_key: bool) -> list[Step]:
     steps: list[Step] = []
     ns, name = node.namespace, node.node
     for d in cgroups.dirs(node.cgroup):
@@ -591,8 +600,8 @@ def _plan_node_up(node: NodeLayout, st: NodeState, cgroups: Cgroups, public_key:
         steps.append(WriteFile(node.sshd_config, config, f"write {node.sshd_config}", 0o600))
     if st.authorized_keys != public_key:
         steps.append(WriteFile(node.authorized_keys, public_key, f"authorize the lab key on {name}", 0o600))
-    if st.sshd_pid is not None and st.sshd_config != config:
-        # SIGHUP makes sshd re-exec itself with the new file: sessions survive, nothing else restarts.
+    if st.sshd_pid is not None and (st.sshd_config != config or new_key):
+        # SIGHUP makes sshd re-exec itself, re-reading config and host key: sessions survive, nothing else restarts.
         steps.append(Run(("kill", "-HUP", str(st.sshd_pid)), f"reload {name}'s sshd (pid {st.sshd_pid})"))
     if st.sshd_pid is None:
         steps += [
@@ -821,9 +830,11 @@ def lab_up(inventory: LabInventory, home: Path, runner: Runner = run_command, pr
     cgroups = detect_cgroups()
     with _lab_lock():
         done: list[Step] = []
-        keys = plan_keys(nodes, home, observe(nodes, home, cgroups, runner))
+        before = observe(nodes, home, cgroups, runner)
+        keys = plan_keys(nodes, home, before)
         _run_steps(keys, runner, progress)
-        rest = plan_up(nodes, home, observe(nodes, home, cgroups, runner), cgroups)
+        rekeyed = frozenset(n.node for n in nodes if not before.nodes[n.node].host_key)
+        rest = plan_up(nodes, home, observe(nodes, home, cgroups, runner), cgroups, rekeyed)
         _run_steps(rest, runner, progress)
         done += keys + rest
         return done
