@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,22 +72,33 @@ class Lab:
         return subprocess.run(argv, capture_output=True, text=True, timeout=30)
 
 
-@pytest.fixture(scope="module")
-def lab_2node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.fail("the lab tests need root (CI runs them as root)")
-    home = tmp_path_factory.mktemp("payctl-home")
-    inv = load_inventory("lab-2node")
+@contextmanager
+def exclusive_lab(timeout: float = 600) -> Iterator[None]:
+    """Hold the machine's lab for a whole test module. Every test that brings a lab up (10.77.0.0/24 is one network
+    per machine) should hold this, so two pytest runs never tear down each other's lab hosts."""
     with LOCK.open("a") as lock:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"another lab test run held {LOCK} for 10 minutes")
+                    pytest.fail(f"another lab test run held {LOCK} for {timeout:.0f}s")
                 time.sleep(1)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="module")
+def lab_2node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root (CI runs them as root)")
+    home = tmp_path_factory.mktemp("payctl-home")
+    inv = load_inventory("lab-2node")
+    with exclusive_lab():
         bystander = f"bystander-{os.getpid()}"
         subprocess.run(["ip", "netns", "add", bystander], check=True)
         try:
