@@ -326,6 +326,32 @@ def test_rendered_redis_acls_and_replication_on_real_servers(tmp_path: Path) -> 
         wait_until(lambda: client(rport, "app").get("idem:m1:k1") == b"x", 20, "key replicated")
         with pytest.raises(redis.exceptions.ReadOnlyError):
             client(rport, "app").set("k", "v")
+        # A Sentinel from the rendered file, monitoring the master with its own ACL user on both sides.
+        sport = free_port()
+        sbase = tmp_path / "sentinel"
+        sbase.mkdir()
+        sconf = files["node1/redis/sentinel.conf"].text
+        sconf = (sconf.replace("bind 198.51.100.11", "bind 127.0.0.1").replace("port 26379", f"port {sport}")
+                 .replace("announce-ip 198.51.100.11", "announce-ip 127.0.0.1")
+                 .replace("198.51.100.11 6379", f"127.0.0.1 {mport}"))  # fmt: skip
+        sconf = "\n".join({"dir": f"dir {sbase}", "logfile": f"logfile {sbase / 's.log'}",
+                           "pidfile": f"pidfile {sbase / 's.pid'}"}.get(ln.split(" ", 1)[0], ln)
+                          for ln in sconf.splitlines()) + "\n"  # fmt: skip
+        assert "198.51.100" not in sconf
+        (sbase / "sentinel.conf").write_text(sconf)
+        procs.append(subprocess.Popen(["redis-sentinel", str(sbase / "sentinel.conf")], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
+        wait_until(lambda: _ping(client(sport)), 20, "rendered sentinel")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client(sport).execute_command("SENTINEL", "MASTERS")  # default user: PING only
+        sentinel = redis.Redis(port=sport, username="sentinel", password=secrets["redis_sentinel"], socket_timeout=5)
+        assert sentinel.sentinel_get_master_addr_by_name("payctl") == (b"127.0.0.1", mport)
+
+        def sees_replica() -> bool:
+            master = sentinel.sentinel_master("payctl")
+            return bool(master["num-slaves"] == 1 and not master["is_sdown"] and not master["is_odown"])
+
+        wait_until(sees_replica, 20, "sentinel authenticated to the master and found the replica")
     finally:
         for p in procs:
             p.terminate()

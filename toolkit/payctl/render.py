@@ -549,14 +549,16 @@ def _compose_services(plan: Plan, node: NodePlan) -> tuple[list[dict[str, Any]],
         services.append(_service(node, "redis", "redis", IMAGES["redis"],
                                  command=["redis-server", "/usr/local/etc/redis/redis.conf"],
                                  volumes=["./redis/redis.conf:/usr/local/etc/redis/redis.conf", "redis-data:/data"],
-                                 healthcheck=["CMD", "redis-cli", "-h", priv, "-p", str(PORTS["redis"]), "ping"]))
+                                 healthcheck=["CMD-SHELL",
+                                              f"redis-cli -h {priv} -p {PORTS['redis']} ping | grep -q PONG"]))
         volumes.append("redis-data")
         db_deps.append(("redis", "service_healthy"))
     if "sentinel" in comps:
         services.append(_service(node, "sentinel", "sentinel", IMAGES["redis"],
                                  command=["redis-sentinel", "/etc/payctl/redis/sentinel.conf"],
                                  volumes=["./redis:/etc/payctl/redis"],
-                                 healthcheck=["CMD", "redis-cli", "-h", priv, "-p", str(PORTS["sentinel"]), "ping"]))
+                                 healthcheck=["CMD-SHELL",
+                                              f"redis-cli -h {priv} -p {PORTS['sentinel']} ping | grep -q PONG"]))
     if "kafka" in comps and node.kafka is not None:
         k = node.kafka
         props = "server" if "broker" in k.process_roles else "controller"
