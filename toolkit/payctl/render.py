@@ -113,7 +113,6 @@ IMAGES: Mapping[str, str] = {
 LAB_NETWORK = ipaddress.ip_network("10.77.0.0/24")
 DATABASE = "payments"
 REPLICATION_USER = "replication"
-REDIS_MASTER_NAME = "payctl"
 SEMISYNC_TIMEOUT_MS = 1000  # after this a commit falls back to async; monitoring alerts on it
 SENTINEL_DOWN_AFTER_MS = 5000
 SENTINEL_FAILOVER_TIMEOUT_MS = 60000
@@ -336,7 +335,7 @@ def _context(plan: Plan, node: NodePlan, secret: Any) -> dict[str, Any]:
             "migrate_db_url": f"mysql://migrate:{secret('mariadb_migrate')}@{addr[topo.mariadb_primary]}:"
             f"{PORTS['mariadb']}/{DATABASE}",
             "redis_url": f"redis://app:{secret('redis_app')}@{redis_master}:{PORTS['redis']}/0",
-            "env": _app_env(plan, a.env),
+            "env": _app_env(plan, a.env, secret),
             "base_image": IMAGES["app_base"],
         }
     if node.prometheus is not None:
@@ -360,7 +359,7 @@ def _context(plan: Plan, node: NodePlan, secret: Any) -> dict[str, Any]:
     return ctx
 
 
-def _app_env(plan: Plan, env: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+def _app_env(plan: Plan, env: tuple[tuple[str, str], ...], secret: Any) -> list[tuple[str, str]]:
     """The plan's PAYAPP_* settings plus the cluster-wide ones (Kafka, Sentinel) the plan keeps at cluster level."""
     from payctl.plan import PORTS
 
@@ -371,10 +370,14 @@ def _app_env(plan: Plan, env: tuple[tuple[str, str], ...]) -> list[tuple[str, st
         ("PAYAPP_KAFKA_PARTITIONS", str(plan.kafka.partitions)),
         ("PAYAPP_KAFKA_REPLICATION_FACTOR", str(plan.kafka.replication_factor)),
     ]
-    if topo.sentinels:
+    master_name = next((n.sentinel.master_name for n in plan.active_nodes if n.sentinel is not None), "")
+    if topo.sentinels and master_name:
+        # The app finds the Redis master through Sentinel, authenticating as Sentinel's `sentinel` ACL user.
         extra += [
             ("PAYAPP_REDIS_SENTINELS", ",".join(f"{addr[s]}:{PORTS['sentinel']}" for s in topo.sentinels)),
-            ("PAYAPP_REDIS_SENTINEL_MASTER", REDIS_MASTER_NAME),
+            ("PAYAPP_REDIS_SENTINEL_MASTER", master_name),
+            ("PAYAPP_REDIS_SENTINEL_USER", "sentinel"),
+            ("PAYAPP_REDIS_SENTINEL_PASSWORD", secret("redis_sentinel")),
         ]
     have = {k for k, _ in env}
     return [*env, *((k, v) for k, v in extra if k not in have)]
