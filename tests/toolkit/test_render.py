@@ -524,6 +524,7 @@ def test_rendered_mariadb_primary_and_replica_replicate_with_gtid_and_semisync(t
 
         wait_until(replicated, 20, "row on the replica")
         assert "Using_Gtid: Slave_Pos" in sql("node2", "SHOW SLAVE STATUS\\G", names=True)
+        assert sql("node1", "SELECT @@bind_address").strip() == "10.77.0.11,127.0.0.1"
         assert sql("node1", "SHOW STATUS LIKE 'Rpl_semi_sync_master_status'").split() == [
             "Rpl_semi_sync_master_status", "ON"]
         with pytest.raises(RuntimeError, match="read-only"):
