@@ -6,8 +6,9 @@ import stat
 import subprocess
 from pathlib import Path
 
-import payctl.cli.render as cli_render
 import pytest
+
+import payctl.cli.render as cli_render
 from payctl.cli import run
 from payctl.plan import Plan
 from payctl.render import RenderedFile

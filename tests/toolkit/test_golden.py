@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from payctl.errors import ConfigError
 from payctl.inventory import load_inventory
 from payctl.phase import load_phase
