@@ -99,3 +99,17 @@ def test_ci_dry_run_every_inventory_and_phase(inventory: str, phase: int, capsys
         return
     assert rc == 0, captured.out + captured.err
     assert " files passed in " in captured.out
+
+
+def test_check_without_root_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import payctl.validate
+
+    monkeypatch.setattr(payctl.validate.os, "geteuid", lambda: 1000)
+    assert run(["render", "-i", "ktcloud-1node", "--phase", "1", "--check"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (
+        "error: checking nginx and Redis files needs root (they are checked inside a throwaway network namespace)"
+    )
+    assert err[1] == "hint: run `payctl render --check` as root, or drop --check"
