@@ -31,7 +31,7 @@ const MERCHANT_PREFIX = __ENV.MERCHANT_PREFIX || "k6m";
 const REFUND_RATIO = parseFloat(__ENV.REFUND_RATIO || "0.3");
 const RUN_ID = __ENV.RUN_ID || `${Date.now().toString(36)}`;
 const MIX = JSON.parse(__ENV.MIX || '{"authorize":0.5,"capture":0.25,"refund":0.1,"void":0.05,"get":0.1}');
-const PRE_VUS = parseInt(__ENV.PRE_VUS || `${Math.max(5, Math.ceil(RATE / 20))}`, 10);
+const PRE_VUS = parseInt(__ENV.PRE_VUS || `${Math.max(10, Math.ceil(RATE / 10))}`, 10);
 const MAX_VUS = parseInt(__ENV.MAX_VUS || `${Math.max(20, RATE)}`, 10);
 
 if (!BASE_URL) throw new Error("BASE_URL is required");

@@ -9,21 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from payctl.calibrate import (
-    MAX_STEPS,
-    Calibration,
-    Step,
-    calibrate,
+from payctl.calibrate import MAX_STEPS, Calibration, Step, calibrate, find_knee, fit_usl, knee_rates, usl
+from payctl.calibration import (
     calibration_path,
-    find_knee,
-    fit_usl,
-    knee_rates,
+    compare_with_plan,
     load,
+    mix_factor,
+    plan_calibration_for,
     predict_capacity,
     store,
-    usl,
 )
 from payctl.errors import ConfigError
+from payctl.inventory import load_inventory
+from payctl.phase import load_phase
 
 NS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
 
@@ -132,3 +130,21 @@ def test_prediction_says_when_a_target_is_out_of_reach(tmp_path: Path) -> None:
     assert far.predicted_rps == pytest.approx(900 * 2 * 0.9)
     assert far.message.startswith("phase 5 target 2000 RPS, predicted 1620 ± ")
     assert far.message.endswith("on 2 nodes (extrapolated from a calibration on 1): add a node or raise workers")
+
+
+def test_the_plan_learns_from_the_measured_knee(tmp_path: Path) -> None:
+    inv, phase = load_inventory("lab-1node"), load_phase(1)
+    assert plan_calibration_for(inv, phase, tmp_path) is None
+    knee = find_knee(knee_rates(100, 2000, 100), _server(1000))
+    cal = calibrate(knee, deployment="lab", runtime="native", nodes=1, scenario="mixed")
+    store(cal, tmp_path)
+    pc = plan_calibration_for(inv, phase, tmp_path)
+    assert pc is not None and pc.source.startswith("measured knee 900/s (mixed) on 1 node(s)")
+    mix = mix_factor("mixed", phase)
+    assert mix == pytest.approx(0.5 + 0.25 + 0.1 + 0.05 * 0.8 + 0.1 * 0.4)
+    cmp = compare_with_plan(cal, inv, phase)
+    assert cmp is not None and cmp.knee_rps == 900
+    assert cmp.off_by_pct == pytest.approx((cmp.planned_rps - 900) / 900)
+    assert cmp.calibrated_rps is not None and cmp.calibrated_rps != cmp.planned_rps
+    assert cmp.message.startswith(f"the plan predicted {cmp.planned_rps}/s (bottleneck ")
+    assert mix_factor("authorize", phase) == 1.0 and mix_factor("full-flow", None) == pytest.approx(3.3)

@@ -26,15 +26,16 @@ def test_gate_passes_at_a_modest_rate_and_writes_the_report(
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["verdict"] == "pass" and summary["phase"] == 1
     m = summary["measured"]
-    assert 49 <= m["achieved_rps"] <= 51 and m["dropped"] == 0 and m["failed_requests"] == 0
+    # A shared machine may make k6 drop an iteration or two; the gate allows 2 %.
+    assert 49 <= m["achieved_rps"] <= 51 and m["dropped"] <= 5 and m["failed_requests"] == 0
     assert m["functional_passes"] > 200 and m["functional_fails"] == 0
     assert summary["gate"]["scenario"] == "mixed" and summary["gate"]["p95_ms"] == 150
     names = [c["name"] for c in summary["criteria"]]
     assert names[:5] == ["achieved rate", "p95 latency", "p99 latency", "error rate", "functional checks"]
     stages = {p["stage"] for p in summary["series"]}
     assert stages == {"warmup", "measure"}
-    measured = [p for p in summary["series"] if p["stage"] == "measure"]
-    assert sum(p["rps"] for p in measured) >= 240  # 5 s at 50/s, minus the partial edge seconds
+    # The streamed series saw every request: the measured ones plus the 1 s warm-up's (about 50).
+    assert m["requests"] <= sum(p["rps"] for p in summary["series"]) <= m["requests"] + 55
     assert (tmp_path / "r" / "report.md").read_text().startswith("# verify local phase 1: PASS")
     assert '<path class="series"' in (tmp_path / "r" / "report.html").read_text()
 
@@ -108,3 +109,26 @@ def test_missing_or_crashing_k6_is_exit_3(
     assert "error: k6 failed (exit 107): panic: something broke" in capsys.readouterr().err
     assert not (tmp_path / "reports").exists()
     assert os.environ["PAYCTL_K6"] == str(crashing)
+
+
+def test_find_knee_steps_until_the_gate_fails_and_reports_the_curve(
+    payapp_server: PayappServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two VUs bound what can be offered (the first step leaves each request 100 ms), so the second step fails on
+    # dropped iterations whatever the machine does.
+    rc = run(["verify", "--url", payapp_server.url, "--find-knee", "--from", "20", "--to", "1000", "--step-size",
+              "980", "--max-vus", "2", "--duration", "2s", "--p95", "150ms", "--scenario", "authorize", "--quiet",
+              "--report-dir", str(tmp_path)])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "knee: 20/s" in text and "calibration not stored" in text
+    knee = json.loads((tmp_path / "knee.json").read_text())
+    assert knee["knee_rps"] == 20
+    assert [s["offered_rps"] for s in knee["steps"]] == [20, 1000]
+    assert [s["passed"] for s in knee["steps"]] == [True, False]
+    assert "achieved rate" in knee["steps"][1]["failed"]
+    assert knee["fit"]["model"] in ("linear", "amdahl", "usl")
+    for step in ("step-20rps", "step-1000rps"):
+        assert json.loads((tmp_path / step / "summary.json").read_text())["gate"]["rps"] in (20, 1000)
+    html = (tmp_path / "report.html").read_text()
+    assert "Achieved rate by offered rate" in html and '<path class="series"' in html

@@ -6,27 +6,20 @@
   squares (grid search over sigma and kappa with lambda solved in closed form, then a local refinement; no scipy).
   N is the concurrency the server held at each step, from Little's law (N = throughput x mean latency). Amdahl
   (kappa = 0) or linear (sigma = kappa = 0) is kept instead when it fits as well (sum of squares within 10 %).
-* ``Calibration`` is stored per deployment, runtime and node count in ``$PAYCTL_HOME/<deployment>/calibration.json``;
-  ``predict_capacity`` reads it for the plan and says when a target is out of reach.
+* ``calibrate``: the knee and the fit as one ``Calibration`` record (``payctl.calibration`` stores it and predicts).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from payctl.errors import ConfigError
-from payctl.paths import payctl_home
 
 MAX_STEPS = 25
-# Assumed efficiency of each node added beyond the calibrated count (the network hop, replication, one shared
-# rate-limit counter): an extrapolation, so its uncertainty grows with every node. Calibrate on the real node count.
-NODE_EFFICIENCY = 0.9
 
 
 # --------------------------------------------------------------------------------------------------- the model
@@ -281,88 +274,3 @@ def calibrate(knee: Knee, *, deployment: str, runtime: str, nodes: int, scenario
         fit=fit,
         peak_stderr=_jackknife_peak(ns, xs, fit.model) if fit is not None else None,
     )
-
-
-def calibration_path(deployment: str, home: Path | None = None) -> Path:
-    return (home or payctl_home()) / deployment / "calibration.json"
-
-
-def store(cal: Calibration, home: Path | None = None) -> Path:
-    """Keep ``cal`` under its runtime and node count, next to the calibrations of other runtimes/sizes."""
-    path = calibration_path(cal.deployment, home)
-    data = _read(path)
-    data.setdefault("runtimes", {}).setdefault(cal.runtime, {})[str(cal.nodes)] = cal.as_dict()
-    data["deployment"] = cal.deployment
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except ValueError:
-        raise ConfigError(f"{path}: not valid JSON", hint="delete it and run payctl calibrate again") from None
-    return data if isinstance(data, dict) else {}
-
-
-def load(deployment: str, runtime: str, home: Path | None = None) -> dict[int, Calibration]:
-    """Stored calibrations of a deployment and runtime, by node count."""
-    data = _read(calibration_path(deployment, home)).get("runtimes", {}).get(runtime, {})
-    return {int(n): Calibration.from_dict(c) for n, c in data.items()}
-
-
-@dataclass(frozen=True)
-class CapacityPrediction:
-    predicted_rps: float
-    plus_minus: float
-    nodes: int
-    calibrated_nodes: int
-    target_rps: int
-    reachable: bool
-    message: str
-
-
-def predict_capacity(
-    deployment: str,
-    runtime: str,
-    nodes: int,
-    target_rps: int,
-    *,
-    phase: int | None = None,
-    home: Path | None = None,
-) -> CapacityPrediction | None:
-    """Capacity of ``nodes`` app nodes from the stored calibration (None when there is none yet).
-
-    The calibrated knee is the measured capacity on the calibrated node count, ± the larger of half a step (the
-    search's resolution) and the model's peak standard error scaled to the knee. Other node counts scale linearly
-    with NODE_EFFICIENCY per node of difference, and the uncertainty widens by 10 % of the estimate per node.
-    """
-    cals = {n: c for n, c in load(deployment, runtime, home).items() if c.knee_rps}
-    if not cals:
-        return None
-    base_n = min(cals, key=lambda n: (abs(n - nodes), -n))
-    cal = cals[base_n]
-    assert cal.knee_rps is not None
-    pm = cal.step_rps / 2
-    if cal.fit is not None and cal.peak_stderr and math.isfinite(cal.fit.peak_rps) and cal.fit.peak_rps > 0:
-        pm = max(pm, cal.peak_stderr * cal.knee_rps / cal.fit.peak_rps)
-    diff = abs(nodes - base_n)
-    predicted = cal.knee_rps * nodes / base_n * NODE_EFFICIENCY**diff
-    pm = pm * nodes / base_n + 0.10 * predicted * diff
-    who = f"phase {phase} target" if phase is not None else "target"
-    where = f"on {nodes} node{'s' if nodes != 1 else ''}"
-    basis = "" if diff == 0 else f" (extrapolated from a calibration on {base_n})"
-    reachable = target_rps <= predicted - pm
-    head = f"{who} {target_rps} RPS, predicted {predicted:.0f} ± {pm:.0f} {where}{basis}"
-    if reachable:
-        message = f"{head}: within reach"
-    elif target_rps <= predicted + pm:
-        message = f"{head}: marginal, re-run payctl verify --find-knee after the next change"
-    else:
-        message = f"{head}: add a node or raise workers"
-    return CapacityPrediction(predicted, pm, nodes, base_n, target_rps, reachable, message)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +18,9 @@ from rich.console import Console
 from rich.live import Live as RichLive
 from rich.table import Table
 
-from payctl import calibrate as cal_mod
+from payctl.calibrate import Step, calibrate, find_knee, knee_rates
+from payctl.calibration import compare_with_plan, predict_capacity, store
+from payctl.calibration import load as load_calibrations
 from payctl.errors import ConfigError
 from payctl.gate import (
     GateSpec,
@@ -31,6 +34,7 @@ from payctl.gate import (
     spec_from_phase,
 )
 from payctl.inventory import Inventory, load_inventory
+from payctl.kneereport import write_knee_report
 from payctl.loadrun import run_load
 from payctl.phase import Phase, load_phase
 from payctl.report import VerifyRun, write_report
@@ -158,13 +162,17 @@ def _knee(
     step = step or max(1, target_rps // 5)
     start = start or step
     stop = stop or max(start, 2 * target_rps)
-    rates = cal_mod.knee_rates(start, stop, step)
+    rates = knee_rates(start, stop, step)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    phase = f"phase{ctx.phase.number}" if ctx.phase else "nophase"
+    base = report_dir or Path("reports") / f"{stamp}-{ctx.deployment}-{phase}-knee"
 
-    def one(rate: int) -> cal_mod.Step:
+    def one(rate: int) -> Step:
         spec = dataclasses.replace(ctx.spec, rps=rate)
         run = _run_gate(ctx, spec, checks, quiet)
         s = run.result.summary
-        step_result = cal_mod.Step(
+        write_report(run, directory=base / f"step-{rate}rps")
+        return Step(
             offered_rps=rate,
             achieved_rps=s.achieved_rps,
             mean_ms=s.avg_ms or 0.0,
@@ -175,21 +183,23 @@ def _knee(
             passed=run.passed,
             failed=tuple(c.name for c in run.criteria if not (c.passed or c.skipped)),
         )
-        base = report_dir or Path("reports")
-        write_report(run, directory=base / f"knee-{ctx.deployment}-{rate}rps")
-        return step_result
 
-    def show(s: cal_mod.Step) -> None:
+    def show(s: Step) -> None:
         verdict = "pass" if s.passed else f"FAIL ({', '.join(s.failed)})"
         p95 = f"{s.p95_ms:.1f}" if s.p95_ms is not None else "-"
         out.print(f"  {s.offered_rps:6d}/s -> {s.achieved_rps:8.1f}/s  p95 {p95} ms  dropped {s.dropped}  {verdict}")
 
     out.print(f"knee search: {', '.join(map(str, rates))} /s, {ctx.spec.duration_s:g}s each")
-    knee = cal_mod.find_knee(rates, one, show)
+    knee = find_knee(rates, one, show)
     nodes = len(ctx.inv.with_role("app")) if ctx.inv else 1
     runtime = ctx.inv.runtime if ctx.inv else "local"
-    calib = cal_mod.calibrate(knee, deployment=ctx.deployment, runtime=runtime, nodes=nodes, scenario=ctx.spec.scenario)
-    path = cal_mod.store(calib)
+    calib = calibrate(knee, deployment=ctx.deployment, runtime=runtime, nodes=nodes, scenario=ctx.spec.scenario)
+    notes: list[str] = []
+    if ctx.inv is not None and ctx.phase is not None and not ctx.target.loopback:
+        cmp = compare_with_plan(calib, ctx.inv, ctx.phase)
+        if cmp is not None:
+            notes.append(cmp.message)
+    write_knee_report(calib, base, p95_limit_ms=ctx.spec.p95_ms, notes=notes)
     if knee.knee_rps is None:
         out.print(f"[bold red]no knee:[/] the first step ({rates[0]}/s) already fails the gate")
     else:
@@ -201,10 +211,14 @@ def _knee(
             f"model: {f.model} lambda={f.lam:.1f} sigma={f.sigma:.4f} kappa={f.kappa:.6f} "
             f"(rmse {f.rmse:.1f}/s), ceiling {peak}"
         )
-    out.print(f"calibration stored in {path}")
-    if knee.knee_rps is None and knee.steps and not knee.steps[0].passed:
-        return 1
-    return 0
+    for note in notes:
+        out.print(note)
+    if ctx.inv is not None and not ctx.target.loopback:
+        out.print(f"calibration stored in {store(calib)}")
+    else:
+        out.print("calibration not stored: a --url on loopback is not the inventory's deployment")
+    out.print(f"report in {base}")
+    return 0 if knee.knee_rps is not None else 1
 
 
 def register(app: typer.Typer) -> None:
@@ -240,6 +254,8 @@ def register(app: typer.Typer) -> None:
         if scenario is not None and scenario not in ("authorize", "full-flow", "mixed"):
             raise ConfigError(f"--scenario: unknown {scenario!r}", hint="authorize, full-flow or mixed")
         sc: Scenario | None = scenario  # type: ignore[assignment]
+        if find_knee and rps is None and inventory is None and phase is None:
+            rps = stop or start  # a bare --url knee search has no gate rate: the range stands in for it
         overrides: dict[str, object] = {
             "rps": rps,
             "duration_s": parse_duration(duration, what="--duration") if duration is not None else None,
@@ -283,23 +299,21 @@ def register(app: typer.Typer) -> None:
         nodes: int = typer.Option(None, "--nodes", help="App nodes to predict for (default: the inventory's)."),
         as_json: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
     ) -> None:
-        """Show the stored calibration (from `payctl verify --find-knee`) and the capacity it predicts."""
+        """Show the stored calibration (from `verify --find-knee`), the plan's error and the capacity it predicts."""
         inv = load_inventory(inventory)
         ph = load_phase(phase) if phase is not None else None
         n = nodes or len(inv.with_role("app"))
         target = ph.gate.rps if ph is not None else inv.target_rps
-        stored = cal_mod.load(inv.deployment, inv.runtime)
-        pred = cal_mod.predict_capacity(inv.deployment, inv.runtime, n, target, phase=phase)
+        stored = load_calibrations(inv.deployment, inv.runtime)
+        pred = predict_capacity(inv.deployment, inv.runtime, n, target, phase=phase)
+        cmp = compare_with_plan(stored[n], inv, ph or load_phase(1)) if n in stored else None
         if as_json:
-            typer.echo(
-                json.dumps(
-                    {
-                        "calibrations": {str(k): v.as_dict() for k, v in stored.items()},
-                        "prediction": pred.__dict__ if pred else None,
-                    },
-                    indent=2,
-                )
-            )
+            doc = {
+                "calibrations": {str(k): v.as_dict() for k, v in stored.items()},
+                "prediction": dataclasses.asdict(pred) if pred else None,
+                "plan": {**dataclasses.asdict(cmp), "message": cmp.message} if cmp else None,
+            }
+            typer.echo(json.dumps(doc, indent=2))
             return
         if not stored:
             raise ConfigError(
@@ -307,6 +321,11 @@ def register(app: typer.Typer) -> None:
                 hint=f"run payctl verify -i {inventory} --find-knee first",
             )
         for k, c in sorted(stored.items()):
-            out.print(f"{k} node(s): knee {c.knee_rps}/s ({c.scenario}, {len(c.steps)} steps)")
+            when = datetime.fromtimestamp(c.measured_at, UTC)
+            out.print(
+                f"{k} node(s): knee {c.knee_rps}/s ({c.scenario}, {len(c.steps)} steps, {when:%Y-%m-%d %H:%M} UTC)"
+            )
+        if cmp is not None:
+            out.print(cmp.message)
         if pred is not None:
             out.print(pred.message)
