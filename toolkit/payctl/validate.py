@@ -21,6 +21,7 @@ Nothing here prints; results come back as ``CheckResult`` values.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -376,6 +377,7 @@ sys.exit(1 if msgs else 0)
 """
 
 
+@functools.cache
 def _supervisor_python() -> str:
     for python in (sys.executable, "/usr/bin/python3"):
         probe = subprocess.run(
