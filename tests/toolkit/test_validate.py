@@ -393,3 +393,19 @@ def test_promtool_rule_tests_pass_and_fail() -> None:
                        RULE_TEST.replace("eval_time: 15m", "eval_time: 3m"))
     rs = check_many(rules, bad)
     assert not rs["n1/prometheus/rules/t.yml"].ok
+
+
+def test_leftover_namespace_of_a_dead_payctl_is_reaped_and_others_are_left_alone() -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover, foreign = f"payctl-chk-{dead.pid}-1", f"payctl-other-{dead.pid}"
+    for name in (leftover, foreign):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        assert check(FileKind.NFTABLES, NFT, "nftables.conf").ok
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        assert leftover not in names
+        assert foreign in names
+    finally:
+        for name in (leftover, foreign):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
