@@ -122,3 +122,21 @@ def test_invalid_spec_lists_every_problem() -> None:
         spec(rps=0, p95_ms=300.0, p99_ms=100.0, max_error_rate=1.5)
     assert exc.value.exit_code == 2
     assert len(exc.value.problems) == 3
+
+
+def test_deployed_phase_comes_from_the_local_audit_log(tmp_path: Path) -> None:
+    from payctl.gate import deployed_phase
+
+    assert deployed_phase("lab", tmp_path) is None
+    log = tmp_path / "lab" / "audit.jsonl"
+    log.parent.mkdir()
+
+    def rec(command: str, phase: int | None, result: str) -> str:
+        return json.dumps({"deployment": "lab", "command": command, "phase": phase, "result": result}) + "\n"
+
+    log.write_text(rec("phase1 apply", 1, "ok") + rec("phase3 apply", 3, "failed") + "not json\n")
+    assert deployed_phase("lab", tmp_path) == 1
+    log.write_text(log.read_text() + rec("phase3 apply", 3, "gate-failed"))
+    assert deployed_phase("lab", tmp_path) == 3  # a failed gate leaves the deployment as applied
+    log.write_text(log.read_text() + rec("down", None, "ok"))
+    assert deployed_phase("lab", tmp_path) is None

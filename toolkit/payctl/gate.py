@@ -15,15 +15,18 @@ Nothing here starts k6 (that is ``payctl.loadrun``) or prints.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from payctl.errors import ConfigError
 from payctl.inventory import Inventory
+from payctl.paths import payctl_home
 from payctl.phase import Phase
 
 Scenario = Literal["authorize", "full-flow", "mixed"]
@@ -134,6 +137,30 @@ def spec_from_phase(phase: Phase | None, **overrides: Any) -> GateSpec:
             hint="pass --phase N, or every one of --rps --duration --warmup --p95 --p99 --max-error-rate",
         )
     return GateSpec(**base)
+
+
+def deployed_phase(deployment: str, home: Path | None = None) -> int | None:
+    """The phase deployed now, from the local audit log (``payctl.audit``): the last apply that ended ``ok`` or
+    ``gate-failed`` (a failed gate leaves the deployment as applied); None when nothing is deployed or a later
+    ``down`` stopped it."""
+    path = (home or payctl_home()) / deployment / "audit.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        if "down" in str(rec.get("command", "")).split() and rec.get("result") == "ok":
+            return None
+        phase = rec.get("phase")
+        if isinstance(phase, int) and rec.get("result") in ("ok", "gate-failed"):
+            return phase
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------ safety

@@ -27,6 +27,7 @@ from payctl.gate import (
     Scenario,
     Target,
     check_target,
+    deployed_phase,
     judge,
     lb_url,
     parse_duration,
@@ -100,9 +101,10 @@ class _Context:
         self.inv: Inventory | None = load_inventory(inventory) if inventory else None
         if self.inv is None and url is None:
             raise ConfigError("give an inventory (-i INV) or a --url to verify", hint="e.g. payctl verify -i lab-1node")
-        # The deployed phase will come from the deploy engine's record; until then an inventory means phase 1.
-        self.phase_defaulted = phase_n is None and self.inv is not None
-        number = phase_n if phase_n is not None else 1 if self.inv is not None else None
+        # Without --phase: the phase deployed now (the local audit log of applies), else phase 1's gate.
+        deployed = deployed_phase(self.inv.deployment) if self.inv is not None and phase_n is None else None
+        self.phase_defaulted = phase_n is None and deployed is None and self.inv is not None
+        number = phase_n if phase_n is not None else deployed or (1 if self.inv is not None else None)
         self.phase: Phase | None = load_phase(number) if number is not None else None
         self.spec: GateSpec = spec_from_phase(self.phase, **overrides)
         self.target: Target = check_target(url if url is not None else lb_url(self.inv) if self.inv else "", self.inv)
@@ -110,7 +112,7 @@ class _Context:
 
     def warn(self) -> None:
         if self.phase_defaulted:
-            err.print("note: no --phase given: using the gate of phase 1")
+            err.print("note: no --phase given and no apply recorded for this deployment: using the gate of phase 1")
         for w in self.target.warnings:
             err.print(f"[yellow]warning:[/] {w}")
 
