@@ -220,6 +220,9 @@ def test_unreachable_host_is_a_deploy_error_naming_it(lab_2node: Lab, tmp_path: 
     data = yaml.safe_load(resolve_inventory_path("lab-1node").read_text())
     data["nodes"][0]["private_address"] = "10.77.0.99"  # inside the lab network, no namespace holds it
     inv = parse_inventory(data)
+    # the attempt must stay on the lab bridge (never leave the machine by the default route)
+    route = subprocess.run(["ip", "route", "get", "10.77.0.99"], capture_output=True, text=True, check=True).stdout
+    assert " dev brpl " in route
     with pytest.raises(DeployError) as err, hosts.connect(inv, lab_2node.home, timeout=2):
         pass
     assert err.value.message.startswith("cannot connect to node1 (root@10.77.0.99:22): ")
