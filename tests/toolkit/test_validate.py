@@ -409,3 +409,21 @@ def test_leftover_namespace_of_a_dead_payctl_is_reaped_and_others_are_left_alone
     finally:
         for name in (leftover, foreign):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+@pytest.mark.slow
+def test_every_known_kafka_key_is_a_string_in_kafkas_own_jars() -> None:
+    """The key list the fast validator trusts is checked against Apache Kafka itself: each key occurs in the class
+    files of the broker jars (the ones scripts/fetch-kafka brings); a typo does not."""
+    import zipfile
+
+    from payctl.validate import KAFKA_KNOWN
+    from tests.support.kafka import ensure_jars
+
+    blobs = []
+    for jar in sorted(ensure_jars().glob("kafka*.jar")):
+        with zipfile.ZipFile(jar) as z:
+            blobs += [z.read(n) for n in z.namelist() if n.endswith(".class")]
+    classes = b"\n".join(blobs)
+    assert [k for k in sorted(KAFKA_KNOWN) if k.encode() not in classes] == []
+    assert b"num.partitons" not in classes  # the check can fail
