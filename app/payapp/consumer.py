@@ -1,0 +1,251 @@
+"""``payapp consume``: the settlement worker. Kafka group, one MariaDB transaction per event, offsets after it.
+
+Per event, one transaction in the primary: lock the payment row, skip it when its eventId is in
+``processed_event`` (a redelivery), park it when the payment has an OPEN dead letter (later events wait behind
+the poison one), otherwise record the eventId and bring the payment's settlements up to date
+(``payapp.settlement``: computed from committed state, so order and duplicates do not matter). Offsets are
+committed to Kafka only after the transactions of everything before them committed: a crash anywhere redelivers,
+and the eventId makes the redelivery a no-op.
+
+A message that cannot be parsed, or fails ``CONSUMER_MAX_ATTEMPTS`` times, becomes a dead letter: a
+``dlq_event`` row (OPEN) and a message on ``payment.dlq``. Connection losses and lock timeouts are not counted as
+failures: they are retried until the database is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import asyncmy
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
+
+from payapp import db, settlement
+from payapp.db import Batch, rollback_quietly, utcnow
+from payapp.events import (
+    CONSUMED,
+    DLQ,
+    Event,
+    EventSettings,
+    PoisonError,
+    connect,
+    consumer,
+    ensure_topics,
+    key_payment_id,
+    parse_event,
+    producer,
+    sleep_until,
+)
+
+log = logging.getLogger("payapp.consumer")
+
+APPLIED, DUPLICATE, PARKED = "applied", "duplicate", "parked"
+_TRANSIENT = (db.ER_LOCK_WAIT_TIMEOUT, db.ER_LOCK_DEADLOCK)
+
+
+class Transient(Exception):
+    """The database is unreachable or a lock timed out: retry without counting it against the message."""
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, db.BatchError):
+        return exc.code in _TRANSIENT
+    code = db.error_code(exc)
+    return isinstance(exc, (OSError, asyncmy.errors.OperationalError, asyncmy.errors.InterfaceError)) and (
+        code is None or code >= 2000 or code in _TRANSIENT
+    )
+
+
+async def apply_event(conn: asyncmy.Connection, event: Event, *, resolve: int | None = None) -> str:
+    """Apply one event in its own transaction; returns applied, duplicate or parked.
+
+    ``resolve`` (``payapp dlq replay``): the id of the OPEN dead letter this event is; it does not park the event
+    and is marked RESOLVED in the same transaction (so the consumer, serialised on the payment row, never parks an
+    event behind a dead letter that is already fixed)."""
+    mark = "UPDATE dlq_event SET status = 'RESOLVED', resolved_at = UTC_TIMESTAMP(6) WHERE dlq_id = %s"
+    pid = event.payment_id
+    first = Batch()
+    first.add("BEGIN")
+    i_lock = first.add(settlement.LOCK_PAYMENT, pid)
+    i_seen = first.add("SELECT 1 FROM processed_event WHERE event_id = %s", event.event_id)
+    i_dlq = first.add("SELECT COUNT(*) FROM dlq_event WHERE payment_id = %s AND status = 'OPEN'", pid)
+    i_ops = first.add(settlement.UNSETTLED_OPERATIONS, pid)
+    try:
+        res = await first.run(conn)
+        payment = settlement.locked(pid, res[i_lock].rows)
+        if res[i_seen].rows:
+            if resolve is not None:
+                await db.execute(conn, mark + "; COMMIT", resolve)
+            else:
+                await db.execute(conn, "ROLLBACK")
+            return DUPLICATE
+        if int(res[i_dlq].rows[0][0]) > (0 if resolve is None else 1):
+            await db.execute(
+                conn,
+                "INSERT IGNORE INTO parked_event (event_id, payment_id, topic, `sequence`, payload, parked_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s); COMMIT",
+                event.event_id, pid, event.topic, event.sequence, event.raw, utcnow(),
+            )
+            return PARKED
+        if payment is None:
+            raise LookupError(f"payment {pid} is not in the primary")
+        if payment.merchant_id != event.merchant_id:
+            raise PoisonError(f"merchantId {event.merchant_id!r} is not the payment's merchant")
+        now = utcnow()
+        second = Batch()
+        second.add(
+            "INSERT INTO processed_event (event_id, payment_id, topic, `sequence`, processed_at)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            event.event_id, pid, event.topic, event.sequence, now,
+        )
+        settlement.stage(second, payment, res[i_ops].rows, event.event_id, now)
+        if resolve is not None:
+            second.add(mark, resolve)
+        second.add("COMMIT")
+        await second.run(conn)
+        return APPLIED
+    except BaseException:
+        await rollback_quietly(conn)
+        raise
+
+
+async def record_dead_letter(
+    conn: asyncmy.Connection, source: str, topic: str, payment_id: int | None, event: Event | None, raw: str,
+    error: str, attempts: int,
+) -> bool:
+    """Store an OPEN dead letter (once per source message); True when it is new."""
+    res = await db.execute(
+        conn,
+        "INSERT IGNORE INTO dlq_event (source, event_id, payment_id, topic, `sequence`, payload, error, attempts,"
+        " status, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'OPEN', %s)",
+        source, event.event_id if event else None, payment_id, topic, event.sequence if event else None, raw,
+        error[:4000], attempts, utcnow(),
+    )
+    return res.rowcount == 1
+
+
+def dead_letter_message(source: str, topic: str, payment_id: int | None, event: Event | None, raw: str,
+                        error: str, attempts: int) -> bytes:
+    return orjson.dumps({
+        "source": source, "topic": topic, "paymentId": payment_id, "eventId": event.event_id if event else None,
+        "sequence": event.sequence if event else None, "error": error, "attempts": attempts, "payload": raw,
+        "deadAt": db.iso(utcnow()),
+    })
+
+
+@dataclass
+class ConsumerStats:
+    applied: int = 0
+    duplicates: int = 0
+    parked: int = 0
+    dead: int = 0
+    by_topic: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    """The consume loop: getmany → one transaction per event → commit offsets → repeat."""
+
+    def __init__(self, db_url: str, settings: EventSettings) -> None:
+        self.db_url = db_url
+        self.s = settings
+        self.stats = ConsumerStats()
+        self._conn: asyncmy.Connection | None = None
+        self._producer: AIOKafkaProducer | None = None
+
+    async def _db(self) -> asyncmy.Connection:
+        if self._conn is None:
+            self._conn = await connect(self.db_url)
+        return self._conn
+
+    def _drop_db(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await ensure_topics(self.s)
+                break
+            except (KafkaError, OSError) as exc:
+                log.warning("consume: brokers not ready (%s); retrying", exc)
+                await sleep_until(stop, 2.0)
+        kafka = consumer(self.s, *CONSUMED)
+        await kafka.start()
+        self._producer = producer(self.s)
+        await self._producer.start()
+        try:
+            while not stop.is_set():
+                batch = await kafka.getmany(timeout_ms=200, max_records=500)
+                if not batch:
+                    continue
+                offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+                for tp, records in batch.items():
+                    for record in records:
+                        await self.handle(record)
+                    offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "")
+                await kafka.commit(offsets)
+        finally:
+            await kafka.stop()
+            with contextlib.suppress(TimeoutError, KafkaError):
+                await asyncio.wait_for(self._producer.stop(), 10)
+            self._drop_db()
+
+    async def handle(self, record: ConsumerRecord[bytes, bytes]) -> str:
+        """Apply one record, retrying failures up to the limit, then dead-lettering it."""
+        topic = self.s.logical(record.topic)
+        source = f"{topic}:{record.partition}:{record.offset}"
+        raw = (record.value or b"").decode(errors="replace")
+        event: Event | None = None
+        attempts = 0
+        while True:
+            try:
+                if event is None:
+                    event = parse_event(topic, record.value)
+                outcome = await apply_event(await self._db(), event)
+                self._count(outcome, topic)
+                return outcome
+            except Exception as exc:
+                if _transient(exc):
+                    log.warning("consume: transient database error (%s); retrying", exc)
+                    self._drop_db()
+                    await asyncio.sleep(0.5)
+                    continue
+                attempts += 1
+                if not isinstance(exc, PoisonError) and attempts < self.s.consumer_max_attempts:
+                    await asyncio.sleep(0.1 * attempts)
+                    continue
+                error = f"{type(exc).__name__}: {exc}"
+                pid = event.payment_id if event else key_payment_id(record.key)
+                await self._dead_letter(source, topic, pid, event, raw, error, attempts)
+                return "dead"
+
+    async def _dead_letter(self, source: str, topic: str, pid: int | None, event: Event | None, raw: str,
+                           error: str, attempts: int) -> None:
+        while True:
+            try:
+                await record_dead_letter(await self._db(), source, topic, pid, event, raw, error, attempts)
+                break
+            except (asyncmy.errors.MySQLError, OSError) as exc:
+                log.warning("consume: cannot record dead letter yet (%s)", exc)
+                self._drop_db()
+                await asyncio.sleep(0.5)
+        assert self._producer is not None
+        message = dead_letter_message(source, topic, pid, event, raw, error, attempts)
+        await (await self._producer.send(self.s.topic(DLQ), key=str(pid).encode() if pid else None, value=message))
+        self.stats.dead += 1
+        log.error("consume: %s -> %s (payment %s): %s", source, DLQ, pid, error)
+
+    def _count(self, outcome: str, topic: str) -> None:
+        if outcome == APPLIED:
+            self.stats.applied += 1
+            self.stats.by_topic[topic] = self.stats.by_topic.get(topic, 0) + 1
+        elif outcome == DUPLICATE:
+            self.stats.duplicates += 1
+        else:
+            self.stats.parked += 1

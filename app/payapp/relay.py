@@ -1,0 +1,258 @@
+"""``payapp relay``: publishes the transactional outbox to Kafka, one active relay at a time.
+
+Each round the lease holder scans ``outbox_event`` for unpublished rows in ``id`` order (a scan, never a
+high-water mark: an id allocated earlier may commit later and must not be skipped), sends them with acks=all keyed
+by paymentId, waits for every ack, then marks them published. A crash between the ack and the mark republishes
+those rows: delivery is at least once and consumers dedupe by eventId. A payment's events are written under its
+row lock, so their ids are in sequence order and the single relay keeps that order per payment (= per partition).
+
+When acks do not come within ``RELAY_PUBLISH_TIMEOUT_S`` (broker down, not enough in-sync replicas) the producer
+is abandoned (aiokafka retries such sends forever and ``stop()`` would wait for them) and the round is retried
+with a fresh one, until the broker is back; the API is never affected, the outbox simply grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncmy
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from payapp import db
+from payapp.events import (
+    EventSettings,
+    acquire_lease,
+    connect,
+    consumer_lag,
+    ensure_topics,
+    node_name,
+    producer,
+    release_lease,
+    sleep_until,
+)
+
+log = logging.getLogger("payapp.relay")
+LEASE = "outbox-relay"
+
+
+@dataclass
+class RelayState:
+    """What the relay exports (and tests read)."""
+
+    owner: str
+    leader: bool = False
+    published: int = 0
+    rounds: int = 0
+    backlog: int = 0
+    purged: int = 0
+    producer_resets: int = 0
+    lag: dict[str, int] = field(default_factory=dict)
+
+
+class Relay:
+    def __init__(self, db_url: str, settings: EventSettings, owner: str | None = None) -> None:
+        self.db_url = db_url
+        self.s = settings
+        self.state = RelayState(owner or node_name())
+        self._producer: AIOKafkaProducer | None = None
+        self._abandoned: set[asyncio.Task[None]] = set()
+        self._lease_renewed = 0.0
+        self._purged_at = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until ``stop`` is set; survives broker and database outages by retrying."""
+        await self._until_topics(stop)
+        conn: asyncmy.Connection | None = None
+        try:
+            while not stop.is_set():
+                try:
+                    if conn is None:
+                        conn = await connect(self.db_url)
+                    await self._round(conn, stop)
+                except (asyncmy.errors.MySQLError, OSError) as exc:
+                    log.warning("relay: database error, reconnecting: %s", exc)
+                    if conn is not None:
+                        conn.close()
+                    conn, self.state.leader = None, False
+                    await sleep_until(stop, 1.0)
+        finally:
+            if conn is not None:
+                if self.state.leader:
+                    with contextlib.suppress(asyncmy.errors.MySQLError):
+                        await release_lease(conn, LEASE, self.state.owner)  # a standby takes over at once
+                conn.close()
+            await self._close_producer(graceful=True)
+
+    async def _until_topics(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                created = await ensure_topics(self.s)
+                if created:
+                    log.info("relay: created topics %s", ", ".join(created))
+                return
+            except (KafkaError, OSError) as exc:
+                log.warning("relay: cannot create topics yet (%s); retrying", exc)
+                await sleep_until(stop, 2.0)
+
+    async def _renew(self, conn: asyncmy.Connection) -> bool:
+        self.state.leader = await acquire_lease(conn, LEASE, self.state.owner, self.s.lease_ttl_s)
+        self._lease_renewed = time.monotonic()
+        return self.state.leader
+
+    async def _round(self, conn: asyncmy.Connection, stop: asyncio.Event) -> None:
+        due = not self.state.leader or time.monotonic() - self._lease_renewed > self.s.lease_ttl_s / 3
+        if due and not await self._renew(conn):
+            await self._close_producer(graceful=False)
+            await sleep_until(stop, self.s.lease_ttl_s / 3)
+            return
+        rows = (await db.execute(
+            conn,
+            "SELECT id, topic, payment_id, payload FROM outbox_event WHERE published_at IS NULL ORDER BY id LIMIT %s",
+            self.s.relay_batch,
+        )).rows
+        if not rows:
+            await self._purge(conn)
+            await sleep_until(stop, self.s.relay_poll_s)
+            return
+        if await self._publish(conn, rows):
+            ids = [int(r[0]) for r in rows]
+            await db.execute(
+                conn,
+                f"UPDATE outbox_event SET published_at = UTC_TIMESTAMP(6) WHERE id IN ({','.join(['%s'] * len(ids))})",
+                *ids,
+            )
+            self.state.published += len(ids)
+            self.state.rounds += 1
+
+    async def _publish(self, conn: asyncmy.Connection, rows: tuple[tuple[Any, ...], ...]) -> bool:
+        """Send ``rows`` and wait for every ack (renewing the lease meanwhile); False: retry the round."""
+        try:
+            if self._producer is None:
+                self._producer = producer(self.s)
+                await asyncio.wait_for(self._producer.start(), self.s.publish_timeout_s)
+            futures = [
+                await self._producer.send(self.s.topic(str(topic)), key=str(pid).encode(), value=str(payload).encode())
+                for _, topic, pid, payload in rows
+            ]
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("relay: send failed (%s); new producer, same rows", exc)
+            await self._close_producer(graceful=False)
+            await asyncio.sleep(0.5)
+            return False
+        deadline = time.monotonic() + self.s.publish_timeout_s
+        pending = set(futures)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("relay: %d of %d acks missing after %.0fs; new producer, same rows",
+                            len(pending), len(futures), self.s.publish_timeout_s)
+                await self._close_producer(graceful=False)
+                return False
+            _, pending = await asyncio.wait(pending, timeout=min(left, self.s.lease_ttl_s / 3))
+            if pending and time.monotonic() - self._lease_renewed > self.s.lease_ttl_s / 3:
+                await self._renew(conn)
+        failed = [f.exception() for f in futures if f.exception() is not None]
+        if failed:
+            log.warning("relay: %d sends failed (%s); retrying", len(failed), failed[0])
+            await self._close_producer(graceful=False)
+            return False
+        return True
+
+    async def _close_producer(self, graceful: bool) -> None:
+        prod, self._producer = self._producer, None
+        if prod is None:
+            return
+        self.state.producer_resets += 0 if graceful else 1
+        if graceful:
+            with contextlib.suppress(TimeoutError, KafkaError):
+                await asyncio.wait_for(prod.stop(), 10)
+            return
+        # Never awaited: with sends stuck in retry, stop() waits for them.
+        task = asyncio.get_running_loop().create_task(_stop_quietly(prod))
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+
+    async def _purge(self, conn: asyncmy.Connection) -> None:
+        if time.monotonic() - self._purged_at < 60:
+            return
+        self._purged_at = time.monotonic()
+        for table, column in (("outbox_event", "published_at"), ("processed_event", "processed_at")):
+            res = await db.execute(
+                conn,
+                f"DELETE FROM {table} WHERE {column} < UTC_TIMESTAMP(6) - INTERVAL %s SECOND LIMIT 10000",
+                self.s.outbox_retention_s,
+            )
+            self.state.purged += max(res.rowcount, 0)
+
+    async def refresh_gauges(self, stop: asyncio.Event, every_s: float = 5.0) -> None:
+        """Outbox backlog and consumer lag for /metrics, measured from outside the consumers."""
+        conn: asyncmy.Connection | None = None
+        while not stop.is_set():
+            try:
+                if conn is None:
+                    conn = await connect(self.db_url)
+                res = await db.execute(conn, "SELECT COUNT(*) FROM outbox_event WHERE published_at IS NULL")
+                self.state.backlog = int(res.rows[0][0])
+                self.state.lag = (await consumer_lag(self.s)).per_partition
+            except (asyncmy.errors.MySQLError, KafkaError, OSError) as exc:
+                log.debug("relay: gauges not refreshed: %s", exc)
+                if conn is not None:
+                    conn.close()
+                conn = None
+            await sleep_until(stop, every_s)
+        if conn is not None:
+            conn.close()
+
+    def metrics_text(self) -> str:
+        st = self.state
+        lines = [
+            "# TYPE payapp_relay_leader gauge", f"payapp_relay_leader {int(st.leader)}",
+            "# TYPE payapp_relay_published_total counter", f"payapp_relay_published_total {st.published}",
+            "# TYPE payapp_relay_producer_resets_total counter",
+            f"payapp_relay_producer_resets_total {st.producer_resets}",
+            "# TYPE payapp_outbox_backlog gauge", f"payapp_outbox_backlog {st.backlog}",
+            "# TYPE payapp_consumer_lag gauge",
+        ]
+        for tp, lag in sorted(st.lag.items()):
+            topic, _, part = tp.partition("[")
+            lines.append(f'payapp_consumer_lag{{group="{self.s.group}",topic="{topic}",partition="{part[:-1]}"}} {lag}')
+        lines += ["# TYPE payapp_consumer_lag_total gauge", f"payapp_consumer_lag_total {sum(st.lag.values())}"]
+        return "\n".join(lines) + "\n"
+
+
+async def _stop_quietly(prod: AIOKafkaProducer) -> None:
+    with contextlib.suppress(TimeoutError, KafkaError, OSError):
+        await asyncio.wait_for(prod.stop(), 60)
+
+
+async def serve_relay(db_url: str, settings: EventSettings, stop: asyncio.Event) -> RelayState:
+    """Run the relay (and its metrics endpoint when RELAY_METRICS_PORT is set) until ``stop``."""
+    relay = Relay(db_url, settings)
+    runner: web.AppRunner | None = None
+    gauges: asyncio.Task[None] | None = None
+    if settings.metrics_port:
+        app = web.Application()
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(text=relay.metrics_text(), content_type="text/plain")
+
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "0.0.0.0", settings.metrics_port).start()
+        gauges = asyncio.get_running_loop().create_task(relay.refresh_gauges(stop))
+    try:
+        await relay.run(stop)
+    finally:
+        if gauges is not None:
+            await gauges
+        if runner is not None:
+            await runner.cleanup()
+    return relay.state
