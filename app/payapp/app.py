@@ -1,0 +1,63 @@
+"""``create_app(settings)``: the aiohttp application, its typed state and the resources it opens and closes.
+
+The database pool and the Redis client are opened by ``cleanup_ctx`` when the app starts and closed when it
+stops, so an app can be created, served, and torn down any number of times in one process (tests do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from payapp import api, db
+from payapp.auth import ApiKeys
+from payapp.codec import CODECS
+from payapp.keys import API_KEYS, CODEC, DB_POOL, LIMITER, METRICS, PAYMENTS, REDIS, SETTINGS
+from payapp.metrics import Metrics
+from payapp.payments import Payments
+from payapp.ratelimit import RateLimiter
+from payapp.settings import Settings
+
+REDIS_TIMEOUT_SECONDS = 0.25
+
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=api.MAX_BODY_BYTES, middlewares=[api.middleware])
+    app[SETTINGS] = settings
+    app[CODEC] = CODECS[settings.json_lib]
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_redis)
+    api.add_routes(app)
+    return app
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    pool = await db.create_pool(settings.db, settings.db_pool_size, settings.idempotency_lease_seconds)
+    app[DB_POOL] = pool
+    app[PAYMENTS] = Payments(pool, app[CODEC].dumps, settings.idempotency_lease_seconds)
+    app[API_KEYS] = ApiKeys(pool)
+    yield
+    pool.close()
+    await pool.wait_closed()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client = aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=REDIS_TIMEOUT_SECONDS,
+        socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+        retry=Retry(NoBackoff(), 0),  # the limiter's fallback is the retry
+    )
+    app[REDIS] = client
+    limits = {action: settings.rate_limit(action) for action in ("authorize", "capture", "refund", "void")}
+    app[LIMITER] = RateLimiter(client, limits, settings.workers, settings.rate_limit_fail == "open", app[METRICS])
+    yield
+    await client.aclose()

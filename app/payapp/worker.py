@@ -1,0 +1,82 @@
+"""One ``payapp serve`` worker: ``python -m payapp.worker``, started by the master (``payapp.server``) only.
+
+It reads its settings from the PAYAPP_* environment the master prepared, listens with SO_REUSEPORT on the shared
+port, and on SIGTERM/SIGINT stops accepting, lets in-flight requests finish (up to PAYAPP_SHUTDOWN_TIMEOUT),
+closes its pools and exits 0. It exits ``EXIT_NO_RESTART`` when its settings are bad or the port cannot be bound,
+which tells the master that restarting it is pointless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import signal
+import sys
+
+import uvloop
+from aiohttp import web
+
+from payapp.app import create_app
+from payapp.errors import PayappError
+from payapp.server import EXIT_NO_RESTART
+from payapp.settings import Settings
+
+log = logging.getLogger("payapp.worker")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def serve(settings: Settings) -> int:
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
+        keepalive_timeout=settings.keepalive_timeout,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=2048)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
+        await runner.cleanup()
+        return EXIT_NO_RESTART
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if settings.gc_freeze:
+        # Everything allocated at start-up lives as long as the process: keep it out of every collection.
+        gc.collect()
+        gc.freeze()
+    log.info("worker listening on %s:%d", settings.host, settings.port)
+    await stop.wait()
+    log.info("draining: finishing in-flight requests (up to %.0fs)", settings.shutdown_timeout)
+    await runner.cleanup()
+    return 0
+
+
+def main() -> int:
+    try:
+        settings = Settings.from_env(os.environ)
+    except PayappError as exc:
+        print(f"payapp worker: {exc.message}", file=sys.stderr)
+        return EXIT_NO_RESTART
+    configure_logging(settings.log_level)
+    if settings.gc_threshold is not None:
+        gc.set_threshold(*settings.gc_threshold)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
