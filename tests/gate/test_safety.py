@@ -62,7 +62,7 @@ def test_cli_refuses_with_exit_2_and_never_starts_k6(
     def boom(*a: Any, **k: Any) -> None:
         raise AssertionError("run_load must not be reached")
 
-    monkeypatch.setattr("payctl.cli.verify.run_load", boom)
+    monkeypatch.setattr("payctl.verification.run_load", boom)
     rc = run(["verify", "-i", "lab-1node", "--url", "http://198.51.100.7", "--rps", "10", "--duration", "1s"])
     assert rc == 2
     err = capsys.readouterr().err

@@ -114,3 +114,19 @@ def test_local_runner_runs_real_commands(tmp_path: Path) -> None:
     assert results[1].measured == "balanced (report 7)"
     missing = local_runner()(["/nonexistent/payapp", "lag"], 5)
     assert missing.returncode == 127
+
+
+def test_payapps_own_output_formats_are_read() -> None:
+    # What app/payapp/eventcli.py prints: `payapp lag` one line per partition then the total; `payapp reconcile`
+    # one line per report, exit 3 when unbalanced.
+    lag = (
+        "TopicPartition(topic='payment.events', partition=0)\t3\n"
+        "TopicPartition(topic='payment.events', partition=1)\t0\ntotal\t3\n"
+    )
+    assert parse_lag(lag) == 3
+    balanced = "report 12 2026-11-25 balanced=true debit=5000 credit=5000 payments=10 captures=4 mismatched=-\n"
+    c = ReconciliationBalanced(Script([CommandResult(0, balanced, "")])).run(60)
+    assert c.passed and c.measured == "balanced (report 12)"
+    unbalanced = balanced.replace("balanced=true", "balanced=false").replace("mismatched=-", "mismatched=77")
+    c = ReconciliationBalanced(Script([CommandResult(3, unbalanced, "")])).run(60)
+    assert not c.passed and c.measured == "not balanced: exit 3 (report 12)" and "mismatched=77" in c.detail

@@ -28,7 +28,6 @@ from payctl.gate import (
     Target,
     check_target,
     deployed_phase,
-    judge,
     lb_url,
     parse_duration,
     parse_latency,
@@ -36,11 +35,11 @@ from payctl.gate import (
 )
 from payctl.inventory import Inventory, load_inventory
 from payctl.kneereport import write_knee_report
-from payctl.loadrun import run_load
 from payctl.phase import Phase, load_phase
 from payctl.report import VerifyRun, write_report
-from payctl.serverchecks import ServerCheck, local_runner, payapp_checks, run_server_checks
+from payctl.serverchecks import ServerCheck, local_runner, payapp_checks
 from payctl.timeseries import Live
+from payctl.verification import gate_run
 
 _EXAMPLES = """
 
@@ -119,21 +118,12 @@ class _Context:
 
 def _run_gate(ctx: _Context, spec: GateSpec, checks: list[ServerCheck], quiet: bool) -> VerifyRun:
     if quiet:
-        result = run_load(spec, ctx.target)
-    else:
-        with RichLive(_live_table(Live(0, "starting", 0, None, 0, 0, 0), spec), console=err, transient=True) as live:
-            result = run_load(spec, ctx.target, on_progress=lambda s: live.update(_live_table(s, spec)))
-    criteria = judge(result.summary, spec)
-    criteria += run_server_checks(checks, ctx.phase)
-    return VerifyRun(
-        deployment=ctx.deployment,
-        phase=ctx.phase.number if ctx.phase else None,
-        target=ctx.target.url,
-        spec=spec,
-        result=result,
-        criteria=criteria,
-        warnings=ctx.target.warnings,
-    )
+        return gate_run(ctx.deployment, ctx.phase, spec, ctx.target, checks=checks)
+    with RichLive(_live_table(Live(0, "starting", 0, None, 0, 0, 0), spec), console=err, transient=True) as live:
+        return gate_run(
+            ctx.deployment, ctx.phase, spec, ctx.target, checks=checks,
+            on_progress=lambda s: live.update(_live_table(s, spec)),
+        )  # fmt: skip
 
 
 def _print_verdict(run: VerifyRun, report: Path) -> None:
