@@ -26,7 +26,7 @@ app = typer.Typer(
 )
 
 # Command-group modules, each with register(app: typer.Typer) -> None.
-_GROUPS: list[str] = ["lab", "plan", "render", "verify"]
+_GROUPS: list[str] = ["lab", "plan", "render", "verify", "apply", "status"]
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 

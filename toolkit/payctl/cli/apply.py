@@ -1,0 +1,215 @@
+"""`payctl phaseN apply -i INV [--dry-run] [--yes] [--no-verify] [--only C] [--break-lock]` and `payctl lock ...`.
+
+Prints the preview (files with a diff, packages, one-off actions, restarts), asks before changing anything (or exits 2
+when stdin is not a terminal and --yes is missing), shows progress per host and step, then the health checks. The
+work is done by ``payctl.deploy``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.syntax import Syntax
+
+from payctl import deploy, hosts, lock
+from payctl.errors import ConfigError
+from payctl.inventory import load_inventory, resolve_inventory_path
+from payctl.paths import payctl_home
+from payctl.phase import PHASES
+
+_INVENTORY = typer.Option(..., "-i", "--inventory", help="Inventory file or bundled name (lab-1node, ktcloud-1node).")
+
+_EXAMPLES = """
+
+Examples:
+
+  payctl phase1 apply -i lab-1node --yes --no-verify
+
+  payctl phase3 apply -i inventories/ktcloud-1node.yml --dry-run
+"""
+
+
+def _home() -> Path:
+    return payctl_home().absolute()
+
+
+class ConsoleHooks:
+    """Progress per host and step with rich; the confirmation prompt (or exit 2 without a terminal)."""
+
+    def __init__(self, console: Console, *, yes: bool, quiet_diff: bool = False) -> None:
+        self.console = console
+        self.yes = yes
+        self.quiet_diff = quiet_diff
+        self.progress: Progress | None = None
+        self.tasks: dict[str, TaskID] = {}
+
+    def _ensure(self) -> Progress:
+        if self.progress is None:
+            self.progress = Progress(
+                SpinnerColumn(), TextColumn("[bold]{task.fields[node]:<10}[/]"), TextColumn("{task.description}"),
+                TimeElapsedColumn(), console=self.console, transient=True,
+            )  # fmt: skip
+            self.progress.start()
+            self.tasks = {}
+        return self.progress
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def step(self, node: str | None, step: str) -> None:
+        progress = self._ensure()
+        key = node or "*"
+        if key not in self.tasks:
+            self.tasks[key] = progress.add_task(step, node=node or "all", total=None)
+        progress.update(self.tasks[key], description=step)
+
+    def confirm(self, preview: deploy.Preview) -> bool:
+        self.stop()
+        show_preview(self.console, preview, diffs=not self.quiet_diff)
+        if self.yes:
+            return True
+        answer = typer.confirm(f"Apply these changes to deployment '{preview.deployment}'?", default=False)
+        if not answer:
+            self.console.print("nothing changed (aborted)")
+        return answer
+
+
+def show_preview(console: Console, preview: deploy.Preview, *, diffs: bool = True) -> None:
+    title = f"phase {preview.phase} on deployment [bold]{preview.deployment}[/]"
+    if not preview.changes:
+        console.print(f"{title}: nothing to change")
+        return
+    console.print(f"{title}: what will change")
+    for w in preview.work:
+        console.print(f"[bold]{w.node}[/]")
+        for path in w.files:
+            console.print(f"  file     {path}" + ("  (new)" if path in w.new_files else "  (changed)"))
+        for a in w.artefacts:
+            console.print(f"  update   {a}")
+        if w.packages:
+            console.print(f"  packages {', '.join(w.packages)}")
+        for a in w.actions:
+            console.print(f"  run      {a}")
+        for r in w.restart:
+            console.print(f"  restart  {r}")
+        for r in w.reload:
+            console.print(f"  reload   {r}")
+    if diffs:
+        for d in preview.diffs:
+            if d.diff and not d.new:
+                console.print(Syntax(d.diff, "diff", theme="ansi_dark", background_color="default"))
+
+
+def _apply(phase: int, inventory: str, dry_run: bool, yes: bool, no_verify: bool, only: str | None,
+           break_lock: bool) -> None:  # fmt: skip
+    inv = load_inventory(inventory)
+    path = resolve_inventory_path(inventory)
+    console = Console(highlight=False, soft_wrap=True)
+    if not dry_run and not yes and not sys.stdin.isatty():
+        raise ConfigError(
+            f"payctl phase{phase} apply changes hosts and asks first, but stdin is not a terminal",
+            hint="add --yes to apply without asking, or --dry-run to only see what would change",
+        )
+    argv = ["payctl", f"phase{phase}", "apply", "-i", inventory] + (["--only", only] if only else [])
+    hooks = ConsoleHooks(console, yes=yes)
+    req = deploy.ApplyRequest(inv, path, phase, _home(), " ".join(argv), dry_run=dry_run, only=only,
+                              break_lock=break_lock)  # fmt: skip
+    try:
+        result = deploy.apply(req, hooks)
+    finally:
+        hooks.stop()
+    if result.lock_broken is not None:
+        console.print(f"[yellow]broke the deploy lock of[/] {result.lock_broken.describe()}")
+    if dry_run:
+        fake = " (fake connector: no host contacted)" if result.preview.fake else ""
+        console.print(f"[bold]dry run[/]{fake}: operations phase {phase} would run")
+        for w in result.preview.work:
+            console.print(f"[bold]{w.node}[/]")
+            for op in w.operations:
+                console.print(f"  {op}")
+        show_preview(console, result.preview, diffs=not result.preview.fake)
+        return
+    if not result.applied and result.preview.changes:
+        raise typer.Exit(1)
+    if not result.preview.changes:
+        show_preview(console, result.preview)
+    for h in result.health:
+        mark = "[green]ok[/]" if h.ok else "[red]FAILED[/]"
+        console.print(f"  health {h.node}: {h.check} {mark} {h.detail[:80]}")
+    console.print(
+        f"applied phase {phase} to [bold]{inv.deployment}[/] in {result.duration_s:.1f}s: "
+        f"{len(result.changed_files)} file(s)/artefact(s) changed, {len(result.restarted)} restart(s)/reload(s)"
+        + (f"; audit: {result.audit_path}" if result.audit_path else "")
+    )
+    if not no_verify:
+        console.print(f"gate: run `payctl verify -i {inventory} --phase {phase}` (or pass --no-verify to skip)")
+
+
+def _phase_app(phase: int) -> typer.Typer:
+    group = typer.Typer(help=f"Phase {phase} of the scaling plan (cumulative: brings phases 1-{phase}).",
+                        no_args_is_help=True)  # fmt: skip
+
+    @group.command("apply", help=f"Apply phase {phase} to the inventory's hosts over SSH." + _EXAMPLES)
+    def apply_cmd(
+        inventory: str = _INVENTORY,
+        dry_run: bool = typer.Option(False, "--dry-run", help="Show the operations and changes; change nothing."),
+        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+        no_verify: bool = typer.Option(False, "--no-verify", help="Skip the phase's k6 gate after applying."),
+        only: str | None = typer.Option(None, "--only", help="Only files and restarts of one component (e.g. app)."),
+        break_lock: bool = typer.Option(False, "--break-lock", help="Remove a stale deploy lock first."),
+    ) -> None:
+        _apply(phase, inventory, dry_run, yes, no_verify, only, break_lock)
+
+    return group
+
+
+lock_app = typer.Typer(help="The deploy lock of a deployment (held on its first node during an apply).",
+                       no_args_is_help=True)  # fmt: skip
+
+
+@contextmanager
+def _first_node(inventory: str) -> Iterator[tuple[str, str, lock.Shell]]:
+    inv = load_inventory(inventory)
+    node = inv.nodes[0].name
+    with hosts.connect(inv, _home(), nodes=[node]) as conn:
+        yield node, inv.node_prefix(node), deploy.shell_of(conn.host(node))
+
+
+@lock_app.command("status")
+def lock_status(inventory: str = _INVENTORY) -> None:
+    """Who holds the deploy lock, if anyone."""
+    with _first_node(inventory) as (node, prefix, shell):
+        info = lock.status(shell, prefix)
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"locked on {node} by {info.describe()}" if info else f"not locked (checked on {node})")
+
+
+@lock_app.command("release")
+def lock_release(inventory: str = _INVENTORY, yes: bool = typer.Option(False, "--yes", "-y")) -> None:
+    """Remove the deploy lock (when the apply that held it died)."""
+    if not yes and not sys.stdin.isatty():
+        raise ConfigError("payctl lock release asks first, but stdin is not a terminal", hint="add --yes")
+    console = Console(highlight=False, soft_wrap=True)
+    with _first_node(inventory) as (node, prefix, shell):
+        info = lock.status(shell, prefix)
+        if info is None:
+            console.print(f"not locked (checked on {node})")
+            return
+        if not yes and not typer.confirm(f"Remove the lock of {info.describe()}?", default=False):
+            raise typer.Exit(1)
+        lock.release_any(shell, prefix)
+    console.print(f"released the lock of {info.describe()}")
+
+
+def register(app: typer.Typer) -> None:
+    for phase in PHASES:
+        app.add_typer(_phase_app(phase), name=f"phase{phase}")
+    app.add_typer(lock_app, name="lock")

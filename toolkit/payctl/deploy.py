@@ -1,0 +1,431 @@
+"""The deploy engine: ``payctl phaseN apply`` as connect → facts → lock → plan → render → preview → confirm → apply →
+health → audit. The core never prints or prompts: the CLI passes ``Hooks`` (progress and confirmation).
+
+    connect    pyinfra State over SSH (payctl.hosts; jump hosts; @fake for --dry-run of non-lab inventories)
+    facts      one read-only script per node: datadir initialised? supervisord running? venv manifest? live roles
+    lock       on the first node (payctl.lock); a second apply fails with LockHeld naming the holder
+    secrets    loaded, or created only when no node runs the deployment yet (else refusal with a hint)
+    plan       payctl.plan.make_plan with the live roles (after a failover the hosts win over the inventory)
+    render     payctl.render.render with the revealed secrets (only into 0600 files on the node)
+    preview    pyinfra's own change detection on every file operation + the restart model (payctl.components)
+    apply      run_ops; a failure names node, operation and output (secrets redacted)
+    health     every program RUNNING, the app's /health directly and through nginx
+    audit      one JSON line locally and on each node (payctl.audit)
+
+Re-applying with nothing changed adds only comparing operations, which change nothing, and no command at all.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import shlex
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pyinfra.api.state import BaseStateCallback, State
+
+from payctl import audit, hosts, lock, runtimes
+from payctl.errors import DeployError, PayctlError
+from payctl.inventory import Inventory
+from payctl.phase import load_phase
+from payctl.plan import PORTS, LiveRoles, Plan, make_plan
+from payctl.render import RenderedFile, is_lab, render
+from payctl.secrets import SECRET_NAMES, Secrets, load_or_create, secrets_path
+from payctl.wheelhouse import Wheelhouse, app_source, build
+
+if TYPE_CHECKING:
+    from pyinfra.api.host import Host
+
+KAFKA_LIB = Path(__file__).resolve().parents[2] / ".cache" / "kafka" / "lib"
+HEALTH_TIMEOUT_S = 120.0
+
+
+class Hooks(Protocol):
+    def step(self, node: str | None, step: str) -> None:
+        """Progress: ``node`` is None for steps that concern the whole deployment."""
+
+    def confirm(self, preview: Preview) -> bool:
+        """Asked once, after the preview, before anything changes; False aborts."""
+
+
+@dataclass(frozen=True)
+class ApplyRequest:
+    inventory: Inventory
+    inventory_path: Path
+    phase: int
+    home: Path
+    command: str
+    dry_run: bool = False
+    only: str | None = None
+    break_lock: bool = False
+
+
+@dataclass(frozen=True)
+class FileDiff:
+    node: str
+    path: str
+    new: bool
+    diff: str  # unified diff, secrets redacted
+
+
+@dataclass
+class Preview:
+    deployment: str
+    phase: int
+    fake: bool
+    work: list[runtimes.NodeWork]
+    diffs: list[FileDiff] = field(default_factory=list)
+
+    @property
+    def changes(self) -> bool:
+        return any(w.files or w.artefacts or w.packages or w.actions or w.restart or w.reload for w in self.work)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    node: str
+    check: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class ApplyResult:
+    preview: Preview
+    applied: bool
+    health: list[HealthCheck] = field(default_factory=list)
+    duration_s: float = 0.0
+    lock_broken: lock.LockInfo | None = None
+    audit_path: Path | None = None
+
+    @property
+    def changed_files(self) -> list[str]:
+        return [f"{w.node}/{p}" for w in self.preview.work for p in (*w.files, *w.artefacts)]
+
+    @property
+    def restarted(self) -> list[str]:
+        return [f"{w.node}/{p}" for w in self.preview.work for p in (*w.restart, *w.reload)]
+
+
+class Aborted(PayctlError):
+    exit_code = 1
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def shell_of(host: Host) -> lock.Shell:
+    """Run one command on a connected pyinfra host, outside any operation (so it is never counted as a change)."""
+
+    def run(command: str) -> tuple[bool, str, str]:
+        ok, output = host.run_shell_command(command)
+        return bool(ok), output.stdout, output.stderr
+
+    return run
+
+
+def secrets_fingerprint(secrets: Secrets) -> str:
+    """A one-way fingerprint of the deployment's secrets, stored on the nodes to detect a mismatched secrets file."""
+    h = hashlib.sha256(b"payctl-secrets-v1")
+    for name in SECRET_NAMES:
+        h.update(b"\0" + secrets[name].reveal().encode())
+    return h.hexdigest()[:16]
+
+
+def marker_text(deployment: str, fingerprint: str) -> str:
+    return json.dumps({"deployment": deployment, "secrets": fingerprint}, sort_keys=True) + "\n"
+
+
+def gather_facts(
+    conn: hosts.Connected, prefixes: Mapping[str, str], addresses: Mapping[str, str]
+) -> dict[str, runtimes.NodeFacts]:
+    out: dict[str, runtimes.NodeFacts] = {}
+    for node, host in conn.hosts.items():
+        if conn.fake:
+            out[node] = runtimes.NodeFacts()
+            continue
+        ok, stdout, stderr = shell_of(host)(runtimes.facts_script(prefixes[node], addresses[node]))
+        if not ok:
+            raise DeployError(f"{node}: reading facts failed: {stderr.strip() or stdout.strip() or 'no output'}")
+        out[node] = runtimes.parse_facts(stdout)
+    return out
+
+
+def live_roles(facts: Mapping[str, runtimes.NodeFacts]) -> LiveRoles:
+    """Who is MariaDB primary / Redis master now, from the running servers (None where nothing runs)."""
+    primaries = [n for n, f in facts.items() if f.mariadb_read_only is False]
+    masters = [n for n, f in facts.items() if f.redis_role == "master"]
+    return LiveRoles(
+        mariadb_primary=primaries[0] if len(primaries) == 1 else None,
+        redis_master=masters[0] if len(masters) == 1 else None,
+    )
+
+
+def _check_secrets(facts: Mapping[str, runtimes.NodeFacts], fingerprint: str, path: Path) -> None:
+    for node, f in facts.items():
+        if not f.marker:
+            continue
+        try:
+            theirs = json.loads(f.marker).get("secrets")
+        except ValueError:
+            continue
+        if theirs and theirs != fingerprint:
+            raise PayctlError(
+                f"{node} runs this deployment with other secrets than {path}",
+                hint="restore the secrets file this deployment was created with (or point PAYCTL_HOME at it); "
+                "applying would lock the app out of its own database",
+            )
+
+
+def _diff(node: str, f: RenderedFile, current: str | None, redact: Callable[[str], str]) -> FileDiff:
+    new = current is None
+    lines = difflib.unified_diff(
+        redact(current or "").splitlines(keepends=True),
+        redact(f.text).splitlines(keepends=True),
+        fromfile=f"{node}:{f.path} (on the node)" if not new else "/dev/null",
+        tofile=f"{node}:{f.path} (rendered)",
+        n=1,
+    )
+    return FileDiff(node, f.path, new, "".join(lines))
+
+
+def _remote_text(conn: hosts.Connected, node: str, path: str) -> str | None:
+    if conn.fake:
+        return None
+    ok, out, _ = shell_of(conn.host(node))(
+        f"if [ -f {shlex.quote(path)} ]; then cat {shlex.quote(path)}; else exit 3; fi"
+    )
+    if not ok:
+        return None
+    return out + ("\n" if out and not out.endswith("\n") else "")
+
+
+class _Progress(BaseStateCallback):
+    def __init__(self, conn: hosts.Connected, hooks: Hooks) -> None:
+        self.hooks = hooks
+        self.node_of = {h.name: n for n, h in conn.hosts.items()}
+
+    def operation_host_start(self, state: State, host: Host, op_hash: Any) -> None:  # type: ignore[override]
+        names = sorted(state.get_op_meta(op_hash).names)
+        self.hooks.step(self.node_of.get(host.name, host.name), names[0] if names else "operation")
+
+
+# ------------------------------------------------------------------------------------------------------ apply
+
+
+def _builder(inv: Inventory, plan: Plan) -> Callable[[runtimes.BuildContext, str], runtimes.NodeWork]:
+    if inv.runtime == "compose":
+        return runtimes.build_compose
+    return runtimes.build_lab if is_lab(plan) else runtimes.build_systemd
+
+
+def apply(req: ApplyRequest, hooks: Hooks) -> ApplyResult:
+    """Bring the deployment to ``req.phase``. Dry runs return the preview without changing anything."""
+    started = time.monotonic()
+    inv = req.inventory
+    fake = req.dry_run and not hosts.is_lab(inv)
+    prefixes = {n.name: inv.node_prefix(n.name) for n in inv.nodes}
+    addresses = {n.name: n.private_address for n in inv.nodes}
+    hooks.step(None, "connect" + (" (fake connector: nothing is contacted)" if fake else ""))
+    with hosts.connect(inv, req.home, fake=fake) as conn:
+        hooks.step(None, "facts")
+        facts = gather_facts(conn, prefixes, addresses)
+        first = next(iter(conn.hosts))
+        held: lock.LockInfo | None = None
+        broken = None
+        if not req.dry_run:
+            hooks.step(first, "deploy lock")
+            held = lock.new_info(inv.deployment, req.command)
+            broken = lock.acquire(shell_of(conn.host(first)), prefixes[first], held, node=first,
+                                  break_lock=req.break_lock)  # fmt: skip
+        result: ApplyResult | None = None
+        error: PayctlError | None = None
+        try:
+            result = _apply_locked(req, hooks, conn, facts, fake)
+            result.lock_broken = broken
+            return result
+        except PayctlError as exc:
+            error = exc
+            raise
+        finally:
+            if held is not None:
+                _finish(req, conn, prefixes, result, error, started)
+                lock.release(shell_of(conn.host(first)), prefixes[first], held)
+
+
+def _finish(req: ApplyRequest, conn: hosts.Connected, prefixes: Mapping[str, str], result: ApplyResult | None,
+            error: PayctlError | None, started: float) -> None:  # fmt: skip
+    """The audit line, locally and on every node; never hides the original error."""
+    if result is not None and not result.applied and result.preview.changes:
+        outcome = "aborted"
+    else:
+        outcome = "ok" if error is None else "failed"
+    record = audit.AuditRecord(
+        deployment=req.inventory.deployment,
+        command=req.command,
+        phase=req.phase,
+        inventory=str(req.inventory_path),
+        inventory_sha256=audit.inventory_hash(req.inventory_path) if req.inventory_path.is_file() else "",
+        nodes=tuple(conn.hosts),
+        result=outcome,
+        changed_files=tuple(result.changed_files) if result else (),
+        restarted=tuple(result.restarted) if result else (),
+        error=(error.message if error else ""),
+        duration_s=round(time.monotonic() - started, 2),
+    )
+    redact = conn.redact
+    local = audit.append_local(req.home, record, redact)
+    if result is not None:
+        result.audit_path = local
+        result.duration_s = record.duration_s
+    line = record.line(redact)
+    for node, host in conn.hosts.items():
+        shell_of(host)(audit.append_command(prefixes[node], line))
+
+
+def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts: Mapping[str, runtimes.NodeFacts],
+                  fake: bool) -> ApplyResult:  # fmt: skip
+    inv = req.inventory
+    live = any(f.live for f in facts.values())
+    hooks.step(None, "secrets")
+    have_secrets = secrets_path(req.home, inv.deployment).is_file()
+    secrets: Secrets | None = None
+    if not (req.dry_run and not have_secrets and not live):
+        secrets = load_or_create(req.home, inv.deployment, allow_create=not live and not req.dry_run)
+        conn.redact = secrets.redact
+        _check_secrets(facts, secrets_fingerprint(secrets), secrets_path(req.home, inv.deployment))
+    hooks.step(None, "plan")
+    roles = live_roles(facts)
+    plan = make_plan(inv, load_phase(req.phase), live_roles=roles)
+    hooks.step(None, "render")
+    clear = {n: secrets[n].reveal() for n in secrets.names()} if secrets else None
+    rendered = render(plan, clear)
+    house: Wheelhouse | None = None
+    if any(n.app or n.relay or n.consumer for n in plan.active_nodes):
+        hooks.step(None, "wheelhouse (pip wheel ./app, cached by content hash)")
+        python = next((f.python for f in facts.values() if f.python), None)
+        house = build(req.home / "wheelhouse", python)
+    kafka_lib = KAFKA_LIB if KAFKA_LIB.is_dir() else None
+    if kafka_lib is None and any(n.kafka for n in plan.active_nodes) and inv.runtime == "native":
+        raise PayctlError(f"the Kafka jar bundle is missing ({KAFKA_LIB})", hint="run scripts/fetch-kafka first")
+    marker = marker_text(inv.deployment, secrets_fingerprint(secrets) if secrets else "dry-run")
+    build_node = _builder(inv, plan)
+    works: list[runtimes.NodeWork] = []
+    diffs: list[FileDiff] = []
+    for node in plan.active_nodes:
+        hooks.step(node.name, "compare with the node")
+        files = {f.path: f for f in rendered.values() if f.node == node.name}
+        ctx = runtimes.BuildContext(
+            conn,
+            plan,
+            node,
+            files,
+            facts[node.name],
+            house,
+            kafka_lib,
+            req.only,
+            app_source() if inv.runtime == "compose" else None,
+            req.home / "bundles",
+        )
+        work = build_node(ctx, marker)
+        works.append(work)
+        for path in work.files:
+            if path in files:
+                current = _remote_text(conn, node.name, f"{node.prefix}/{path}")
+                d = _diff(node.name, files[path], current, conn.redact)
+                diffs.append(d)
+                if d.new:
+                    work.new_files.append(path)
+    preview = Preview(inv.deployment, req.phase, fake, works, diffs)
+    if req.dry_run:
+        return ApplyResult(preview, applied=False)
+    if preview.changes:
+        if not hooks.confirm(preview):
+            return ApplyResult(preview, applied=False)
+        conn.state.add_callback_handler(_Progress(conn, hooks))  # type: ignore[no-untyped-call]
+        conn.run()
+    health = check_health(conn, plan, hooks)
+    bad = [h for h in health if not h.ok]
+    if bad:
+        raise DeployError(
+            "health check failed: " + "; ".join(f"{h.node}: {h.check}: {conn.redact(h.detail)}" for h in bad),
+            hint="see `payctl logs -i INV --node NODE --component COMPONENT`; fix and re-apply",
+        )
+    return ApplyResult(preview, applied=preview.changes, health=health)
+
+
+# ------------------------------------------------------------------------------------------------------ health
+
+
+def _supervisor_states(shell: lock.Shell, prefix: str) -> dict[str, str]:
+    conf = shlex.quote(f"{prefix}/supervisor/supervisord.conf")
+    _, out, _ = shell(f"supervisorctl -c {conf} status")
+    states: dict[str, str] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            states[parts[0]] = parts[1]
+    return states
+
+
+def _http(shell: lock.Shell, url: str) -> tuple[bool, str]:
+    """GET from the node itself; healthy means HTTP 2xx and, for a JSON body with a status, ``"status": "ok"``."""
+    ok, out, err = shell(f"curl -fsS -m 3 {shlex.quote(url)}")
+    body = (out or err).strip()
+    if ok:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and "status" in doc and doc["status"] != "ok":
+            ok = False
+    return ok, body[:300]
+
+
+def check_health(
+    conn: hosts.Connected, plan: Plan, hooks: Hooks, timeout: float = HEALTH_TIMEOUT_S
+) -> list[HealthCheck]:
+    """Poll until every program is RUNNING and the app answers /health directly and through nginx, or time out."""
+    if conn.fake:
+        return []
+    lab = is_lab(plan)
+    results: list[HealthCheck] = []
+    for node in plan.active_nodes:
+        hooks.step(node.name, "health checks")
+        shell = shell_of(conn.host(node.name))
+        deadline = time.monotonic() + timeout
+        if lab:
+            states: dict[str, str] = {}
+            while time.monotonic() < deadline:
+                states = _supervisor_states(shell, node.prefix)
+                if states and all(s == "RUNNING" for s in states.values()):
+                    break
+                time.sleep(0.5)
+            bad = {k: v for k, v in states.items() if v != "RUNNING"}
+            results.append(
+                HealthCheck(
+                    node.name,
+                    "programs RUNNING",
+                    bool(states) and not bad,
+                    ", ".join(f"{k} {v}" for k, v in bad.items()) or f"{len(states)} running",
+                )
+            )
+        checks: list[tuple[str, str]] = []
+        if node.app is not None:
+            checks.append(("app /health", f"http://{node.private_address}:{PORTS['app']}/health"))
+        if node.nginx is not None:
+            checks.append(("nginx → app /health", f"http://{node.nginx.listen_address}:{PORTS['http']}/health"))
+        for name, url in checks:
+            ok, detail = False, ""
+            while time.monotonic() < deadline:
+                ok, detail = _http(shell, url)
+                if ok:
+                    break
+                time.sleep(0.5)
+            results.append(HealthCheck(node.name, name, ok, detail))
+    return results
