@@ -55,9 +55,11 @@ def test_impossible_p95_fails_with_exit_1_and_lists_measured_vs_limit(
     payapp_server: PayappServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rc = run(["verify", "--url", payapp_server.url, "--rps", "20", "--duration", "2s", "--p95", "0.01ms",
-              "--p99", "300ms", "--quiet", "--report-dir", str(tmp_path)])  # fmt: skip
-    err = capsys.readouterr().err
+              "--p99", "300ms", "--json", "--report-dir", str(tmp_path)])  # fmt: skip
+    captured = capsys.readouterr()
+    err = captured.err
     assert rc == 1
+    assert json.loads(captured.out)["verdict"] == "fail"  # --json: only the summary on stdout
     assert "gate failed: p95 latency: measured " in err and ", limit <= 0.01ms" in err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["verdict"] == "fail" and summary["failed"] == ["p95 latency"]

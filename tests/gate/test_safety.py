@@ -90,3 +90,22 @@ def test_load_generator_on_a_node_under_test_is_warned_about() -> None:
     }  # fmt: skip
     t = check_target(f"http://{local}", parse_inventory(data))
     assert any("runs on a node under test" in w for w in t.warnings)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--duration", "fast"], "error: --duration: cannot read 'fast'"),
+        (["--p95", "0ms"], "error: --p95: must be > 0"),
+        (["--scenario", "refund-only"], "error: --scenario: unknown 'refund-only'"),
+        (["--find-knee", "--from", "1", "--to", "1000", "--step-size", "1"], "at most 25"),
+        (["-i", "no-such-inventory"], "error: inventory not found: no-such-inventory"),
+    ],
+)
+def test_usage_errors_exit_2_before_any_load(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("payctl.verification.run_load", lambda *a, **k: pytest.fail("no load on a usage error"))
+    rc = run(["verify", "--url", "http://127.0.0.1:9", "--rps", "10", "--p95", "100ms", *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.live import Live as RichLive
 from rich.table import Table
+from rich.text import Text
 
 from payctl.calibrate import Step, calibrate, find_knee, knee_rates
 from payctl.calibration import compare_with_plan, predict_capacity, store
@@ -58,19 +59,14 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _live_table(live: Live, spec: GateSpec) -> Table:
-    t = Table.grid(padding=(0, 2))
+def _live_table(live: Live, spec: GateSpec) -> Text:
     total = spec.warmup_s + spec.duration_s
-    p95 = f"{live.p95_ms:.1f} ms" if live.p95_ms is not None else "-"
-    t.add_row(
-        f"[bold]{live.stage}[/]",
-        f"elapsed {live.elapsed_s:5.0f}/{total:.0f}s",
-        f"rate {live.rate:7.0f}/s (offered {spec.rps})",
-        f"p95 so far {p95} (limit {spec.p95_ms:g})",
-        f"errors {live.errors}/{live.requests}",
-        f"dropped {live.dropped}",
+    p95 = f"{live.p95_ms:.1f}ms" if live.p95_ms is not None else "-"
+    return Text.assemble(
+        (f"{live.stage:<8}", "bold"),
+        f" {live.elapsed_s:.0f}/{total:.0f}s | {live.rate:.0f}/s of {spec.rps} | p95 {p95} (<= {spec.p95_ms:g}ms)"
+        f" | errors {live.errors}/{live.requests} | dropped {live.dropped}",
     )
-    return t
 
 
 def _load_env_file(path: Path) -> dict[str, str]:
@@ -136,6 +132,10 @@ def _print_verdict(run: VerifyRun, report: Path) -> None:
     out.print(table)
     verdict = "[bold green]PASS[/]" if run.passed else "[bold red]FAIL[/]"
     out.print(f"gate {verdict}: report in {report}")
+    _print_failures(run)
+
+
+def _print_failures(run: VerifyRun) -> None:
     for c in run.criteria:
         if not (c.passed or c.skipped):
             err.print(f"gate failed: {c.name}: measured {c.measured}, limit {c.limit}", markup=False)
@@ -280,6 +280,7 @@ def register(app: typer.Typer) -> None:
         path = write_report(run, directory=report_dir)
         if as_json:
             typer.echo((path / "summary.json").read_text(), nl=False)
+            _print_failures(run)
         else:
             _print_verdict(run, path)
         raise typer.Exit(run.exit_code)
