@@ -223,6 +223,14 @@ def test_plan_down_never_touches_a_prefix_without_the_marker(tmp_path: Path) -> 
         lab.execute([lab.RemoveTree(tmp_path, "x")], lab.run_command)
 
 
+def test_a_prefix_with_foreign_content_is_never_adopted(tmp_path: Path) -> None:
+    nodes = lab.layout(load_inventory("lab-1node"))
+    state = _empty_state(nodes)
+    foreign = replace(state, nodes={"node1": replace(state.nodes["node1"], prefix_foreign=True)})
+    with pytest.raises(PayctlError, match=f"prefix {nodes[0].prefix} already exists with content"):
+        lab.plan_keys(nodes, tmp_path, foreign)
+
+
 def test_runner_raises_deploy_error_naming_command_and_stderr(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     with pytest.raises(DeployError) as err:

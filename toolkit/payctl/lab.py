@@ -244,6 +244,10 @@ def layout(inventory: LabInventory) -> list[NodeLayout]:
     return nodes
 
 
+def _marker_text(node: NodeLayout) -> str:
+    return f"{node.namespace}\n"
+
+
 def render_sshd_config(node: NodeLayout) -> str:
     return (
         f"# payctl lab host {node.node} of deployment {node.deployment} (namespace {node.namespace})\n"
@@ -347,7 +351,8 @@ class NodeState:
     eth0_up: bool = False
     eth0_addresses: frozenset[str] = frozenset()
     lo_up: bool = False
-    marker: bool = False
+    marker: bool = False  # the prefix holds this node's .payctl-lab marker
+    prefix_foreign: bool = False  # the prefix exists with content but without this node's marker
     ssh_dir: bool = False
     host_key: bool = False
     host_public_key: str | None = None
@@ -444,6 +449,7 @@ def observe(nodes: Sequence[NodeLayout], home: Path, cgroups: Cgroups, runner: R
             {d["ifname"]: d for d in _ip_json(runner, "-n", node.namespace, "addr", "show")} if ns_present else {}
         )
         eth0, lo = ns_links.get("eth0"), ns_links.get("lo")
+        marker = _read(node.prefix / MARKER) == _marker_text(node)
         pids = _ns_pids(runner, node.namespace) if ns_present else ()
         existing_dirs = frozenset(d for d in cgroups.dirs(node.cgroup) if d.is_dir())
         limits = {p: (_read(p) or "").strip() for p in cgroups.limits(node.cgroup, 1, 1) if p.parent.is_dir()}
@@ -456,7 +462,8 @@ def observe(nodes: Sequence[NodeLayout], home: Path, cgroups: Cgroups, runner: R
             eth0_up=_is_up(eth0),
             eth0_addresses=_addresses(eth0),
             lo_up=_is_up(lo),
-            marker=(node.prefix / MARKER).is_file(),
+            marker=marker,
+            prefix_foreign=not marker and node.prefix.is_dir() and any(node.prefix.iterdir()),
             ssh_dir=node.ssh_dir.is_dir(),
             host_key=node.host_key.is_file(),
             host_public_key=_read(node.host_key.with_name(node.host_key.name + ".pub")),
@@ -510,12 +517,19 @@ def plan_keys(nodes: Sequence[NodeLayout], home: Path, state: LabState) -> list[
             MakeDir(key.parent, f"create {key.parent}", DIR_MODE),
             Run(keygen_argv(key, "payctl-lab"), f"generate the lab SSH key {key}"),
         ]
+    foreign = [n.prefix for n in nodes if state.nodes[n.node].prefix_foreign]
+    if foreign:
+        raise PayctlError(
+            f"prefix {', '.join(map(str, foreign))} already exists with content that the lab did not create",
+            hint=f"lab down deletes a lab node's prefix: give the node a prefix of its own (it gets a {MARKER} "
+            "marker), or empty that directory if it is a leftover",
+        )
     for node in nodes:
         st = state.nodes[node.node]
         if not st.marker:
             steps += [
                 MakeDir(node.prefix, f"create {node.node}'s prefix {node.prefix}"),
-                WriteFile(node.prefix / MARKER, f"{node.namespace}\n", f"mark {node.prefix} as a lab prefix"),
+                WriteFile(node.prefix / MARKER, _marker_text(node), f"mark {node.prefix} as a lab prefix"),
             ]
         if not st.ssh_dir:
             steps.append(MakeDir(node.ssh_dir, f"create {node.ssh_dir}", 0o700))
