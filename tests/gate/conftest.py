@@ -1,22 +1,20 @@
-"""A real payment service for the gate tests: `payapp migrate` + `payapp serve` on a free loopback port, over the
-session's private MariaDB and Redis (tests/support/services). Stopped by its pid."""
+"""A real payment service for the gate tests, from the app's own test helpers (tests/app/conftest.py): a freshly
+migrated database on the session MariaDB, the session Redis, and `payapp serve` on a free loopback port, shared by
+the module and stopped by its pid (workers included)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.services import MariaDB, Redis, free_port, wait_until
-
-PAYAPP = str(Path(sys.executable).parent / "payapp")
+from tests.app.conftest import make_env, new_database, start_serve
+from tests.support.services import MariaDB, Redis
 
 
 @dataclass(frozen=True)
@@ -26,49 +24,23 @@ class PayappServer:
     env_file: Path
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def payapp_server(
     mariadb: MariaDB, redis_server: Redis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PayappServer]:
     base = tmp_path_factory.mktemp("payapp-gate")
-    mariadb.sql("CREATE DATABASE IF NOT EXISTS gate_pay")
-    port = free_port()
-    settings = {
-        "PAYAPP_DB_URL": mariadb.url(db="gate_pay"),
-        "PAYAPP_REDIS_URL": redis_server.url(3),
-        "PAYAPP_HOST": "127.0.0.1",
-        "PAYAPP_PORT": str(port),
-        "PAYAPP_WORKERS": "1",
-        "PAYAPP_AUTH": "off",
-    }
+    db = new_database(mariadb, prefix="gate")
+    env = make_env(db.url, redis_server.url(3), AUTH="off")
     env_file = base / "payapp.env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
-    env = {**os.environ, **settings}
-    mig = subprocess.run([PAYAPP, "migrate"], env=env, capture_output=True, text=True, timeout=120, check=False)
-    if mig.returncode != 0:
-        pytest.fail(f"payapp migrate failed ({mig.returncode}): {mig.stderr[-2000:]}")
-    log = (base / "serve.log").open("wb")
-    proc = subprocess.Popen([PAYAPP, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    proc = start_serve(env, base / "serve.log", workers=1)
     try:
-        wait_until(lambda: _healthy(url) or proc.poll() is not None, 60, "payapp serve to answer /health")
-        if proc.poll() is not None:
-            pytest.fail(f"payapp serve exited {proc.returncode}: {(base / 'serve.log').read_text()[-2000:]}")
-        yield PayappServer(url, env, env_file)
+        proc.wait_ready()
+        yield PayappServer(proc.url, {**env, "PAYAPP_PORT": str(proc.port)}, env_file)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        log.close()
+        pids = proc.worker_pids()
+        proc.stop()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        mariadb.sql(f"DROP DATABASE IF EXISTS {db.name}")
