@@ -24,7 +24,7 @@ import ipaddress
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -168,7 +168,11 @@ def environment() -> jinja2.Environment:
     return env
 
 
-def _secret_fn(secrets: Mapping[str, str] | None) -> Any:
+#: secret(name) -> the value, or a ``{{SECRET:name}}`` placeholder when rendering without secrets.
+SecretFn = Callable[[str], str]
+
+
+def _secret_fn(secrets: Mapping[str, str] | None) -> SecretFn:
     def secret(name: str) -> str:
         if secrets is None:
             return f"{{{{SECRET:{name}}}}}"
@@ -232,7 +236,7 @@ def _user(name: str, host: str, password: str, *grants: tuple[str, str]) -> dict
     return {"name": name, "host": host, "password": password, "grants": list(grants)}
 
 
-def _mariadb_context(plan: Plan, node: NodePlan, secret: Any) -> dict[str, object]:
+def _mariadb_context(plan: Plan, node: NodePlan, secret: SecretFn) -> dict[str, object]:
     topo = plan.topology
     addr = _addr_of(plan)
     m = node.mariadb
@@ -269,7 +273,7 @@ def _mariadb_context(plan: Plan, node: NodePlan, secret: Any) -> dict[str, objec
     }
 
 
-def _context(plan: Plan, node: NodePlan, secret: Any) -> dict[str, Any]:
+def _context(plan: Plan, node: NodePlan, secret: SecretFn) -> dict[str, Any]:
     from payctl.plan import PORTS
 
     topo = plan.topology
@@ -359,7 +363,7 @@ def _context(plan: Plan, node: NodePlan, secret: Any) -> dict[str, Any]:
     return ctx
 
 
-def _app_env(plan: Plan, env: tuple[tuple[str, str], ...], secret: Any) -> list[tuple[str, str]]:
+def _app_env(plan: Plan, env: tuple[tuple[str, str], ...], secret: SecretFn) -> list[tuple[str, str]]:
     """The plan's PAYAPP_* settings plus the cluster-wide ones (Kafka, Sentinel) the plan keeps at cluster level."""
     from payctl.plan import PORTS
 
@@ -425,7 +429,7 @@ class _Program:
     nofile: int = 65536
 
 
-def _programs(plan: Plan, node: NodePlan, lab: bool, secret: Any) -> list[_Program]:
+def _programs(plan: Plan, node: NodePlan, lab: bool, secret: SecretFn) -> list[_Program]:
     from payctl.plan import PORTS
 
     prefix, priv = node.prefix, node.private_address
@@ -663,7 +667,7 @@ def _env_text(pairs: list[tuple[str, str]]) -> str:
     return "".join(f"{k}={v}\n" for k, v in pairs)
 
 
-def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Any) -> list[RenderedFile]:
+def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: SecretFn) -> list[RenderedFile]:
     """Every file of one node for the plan's phase."""
     lab = is_lab(plan)
     ctx = _context(plan, node, secret)
