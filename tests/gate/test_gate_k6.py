@@ -134,3 +134,15 @@ def test_find_knee_steps_until_the_gate_fails_and_reports_the_curve(
         assert json.loads((tmp_path / step / "summary.json").read_text())["gate"]["rps"] in (20, 1000)
     html = (tmp_path / "report.html").read_text()
     assert "Achieved rate by offered rate" in html and '<path class="series"' in html
+
+
+def test_a_proxy_in_the_environment_is_never_used(
+    payapp_server: PayappServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy would be a third host receiving the load: the health check and k6 both go straight to the target.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    rc = run(["verify", "--url", payapp_server.url, "--rps", "10", "--duration", "1s", "--p95", "150ms", "--quiet",
+              "--report-dir", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["measured"]["failed_requests"] == 0

@@ -36,6 +36,7 @@ from payctl.timeseries import Bucketer, Live, Point
 
 _CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_TAGS = "scenario,expected_response,status,name"
+_PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
 
 
 def script_path() -> Path:
@@ -70,8 +71,10 @@ def free_port() -> int:
 def check_health(target: Target, timeout_s: float = 5.0) -> None:
     """``GET /health`` must answer 200, else the target is unreachable (exit 3) and no load is sent."""
     url = f"{target.url}/health"
+    # No proxy: the target was checked (loopback or the inventory) and nothing else may be contacted.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with opener.open(url, timeout=timeout_s) as resp:
             status = resp.status
     except urllib.error.HTTPError as exc:
         status = exc.code
@@ -156,7 +159,8 @@ def run_load(
             "--out", f"json={fifo}",
             str(script),
         ]  # fmt: skip
-        env = {**os.environ, **k6_env(spec, target, summary_path)}
+        env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}  # k6 goes straight there
+        env.update(k6_env(spec, target, summary_path))
         reader = threading.Thread(target=_read_pipe, args=(fifo, bucketer), name="k6-samples", daemon=True)
         reader.start()
         started = time.time()
