@@ -537,3 +537,20 @@ def test_rendered_mariadb_primary_and_replica_replicate_with_gtid_and_semisync(t
             p.wait(60)
         for name in ns.values():
             subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_a_template_error_names_the_template_and_file() -> None:
+    import jinja2
+
+    from payctl.render import environment, node_files
+
+    plan = plan_for("ktcloud-1node", 1)
+    real = environment()
+    broken = jinja2.Environment(
+        loader=jinja2.ChoiceLoader([jinja2.DictLoader({"mariadb/my.cnf.j2": "x = {{ mariadb.no_such_value }}\n"}),
+                                    real.loader]),
+        undefined=jinja2.StrictUndefined,
+    )
+    broken.filters.update(real.filters)
+    with pytest.raises(PayctlError, match=r"template mariadb/my.cnf.j2 for node1/mariadb/my.cnf: .*no_such_value"):
+        node_files(plan, plan.node("node1"), broken, lambda name: f"{{{{SECRET:{name}}}}}")

@@ -677,7 +677,13 @@ def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Secr
 
     def add(template: str, path: str, kind: FileKind, description: str, **kw: Any) -> None:
         extra = kw.pop("context", {})
-        text = env.get_template(template).render(**ctx, **extra)
+        try:
+            text = env.get_template(template).render(**ctx, **extra)
+        except jinja2.TemplateError as exc:
+            raise PayctlError(
+                f"template {template} for {node.name}/{path}: {exc}",
+                hint="a template and the plan disagree (StrictUndefined): fix the template or the render context",
+            ) from exc
         files.append(RenderedFile(node.name, path, kind, text, description=description, **kw))
 
     if node.mariadb is not None:
