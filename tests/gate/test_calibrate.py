@@ -98,7 +98,7 @@ def test_find_knee_stops_at_the_first_failure_and_keeps_it() -> None:
 
 
 def test_no_knee_when_the_first_step_fails() -> None:
-    knee = find_knee([500, 600], _server(100))
+    knee = find_knee([500, 600], _server(100), descend=0)
     assert knee.knee_rps is None and len(knee.steps) == 1
 
 
@@ -148,3 +148,19 @@ def test_the_plan_learns_from_the_measured_knee(tmp_path: Path) -> None:
     assert cmp.calibrated_rps is not None and cmp.calibrated_rps != cmp.planned_rps
     assert cmp.message.startswith(f"the plan predicted {cmp.planned_rps}/s (bottleneck ")
     assert mix_factor("authorize", phase) == 1.0 and mix_factor("full-flow", None) == pytest.approx(3.3)
+
+
+def test_a_search_that_starts_too_high_halves_down_to_a_knee() -> None:
+    calls: list[int] = []
+    pauses: list[int] = []
+
+    def step(rate: int) -> Step:
+        calls.append(rate)
+        return _server(100)(rate)
+
+    knee = find_knee([400, 500], step, between=lambda: pauses.append(len(calls)))
+    assert calls == [400, 200, 100, 50]  # 400 fails, then halving until a rate passes (90 is 0.9 x capacity)
+    assert knee.knee_rps == 50 and knee.step_rps == 350
+    assert pauses == [1, 2, 3]  # a cool-down before every step but the first
+    never = find_knee([400], _server(1), descend=2)
+    assert [s.offered_rps for s in never.steps] == [400, 200, 100] and never.knee_rps is None

@@ -177,19 +177,41 @@ def knee_rates(start: int, stop: int, step: int) -> list[int]:
 
 
 def find_knee(
-    rates: Sequence[int], run_step: Callable[[int], Step], on_step: Callable[[Step], None] | None = None
+    rates: Sequence[int],
+    run_step: Callable[[int], Step],
+    on_step: Callable[[Step], None] | None = None,
+    *,
+    descend: int = 4,
+    between: Callable[[], None] | None = None,
 ) -> Knee:
-    """Run ``run_step`` at each rate in order until one fails the gate (that step is kept: it bounds the knee)."""
+    """Run ``run_step`` at each rate in order until one fails the gate (that step is kept: it bounds the knee).
+
+    When the very first rate fails, halve it up to ``descend`` times until one passes, so a search that started too
+    high still finds a knee. ``between`` runs before every step but the first (a cool-down, so the queues a failed
+    step left behind do not count against the next one).
+    """
     steps: list[Step] = []
-    for rate in rates:
+
+    def one(rate: int) -> Step:
+        if steps and between is not None:
+            between()
         step = run_step(rate)
         steps.append(step)
         if on_step is not None:
             on_step(step)
-        if not step.passed:
+        return step
+
+    for rate in rates:
+        if not one(rate).passed:
             break
+    rate = rates[0]
+    while steps and not any(s.passed for s in steps) and descend > 0 and rate > 1:
+        rate, descend = max(1, rate // 2), descend - 1
+        one(rate)
     passing = [s.offered_rps for s in steps if s.passed]
     step_size = rates[1] - rates[0] if len(rates) > 1 else rates[0]
+    if passing and max(passing) < rates[0]:
+        step_size = rates[0] - max(passing)  # found by halving: the resolution is the gap to the first rate
     return Knee(tuple(steps), max(passing) if passing else None, step_size)
 
 

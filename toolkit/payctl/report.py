@@ -153,6 +153,7 @@ def charts(run: VerifyRun) -> list[tuple[str, str]]:
                     [
                         Series("iterations", [(p.t, float(p.iterations)) for p in pts]),
                         Series("requests", [(p.t, p.rps) for p in pts], color="#2ca02c"),
+                        Series("dropped", [(p.t, float(p.dropped)) for p in pts], color="#ff7f0e"),
                         Series("offered", [(p.t, float(run.spec.rps)) for p in pts], color="#999999", dashed=True),
                     ],
                     shade=shade,
@@ -180,11 +181,8 @@ def charts(run: VerifyRun) -> list[tuple[str, str]]:
             render(
                 Chart(
                     "Error rate per second",
-                    "% failed",
-                    [
-                        Series("errors", [(p.t, 100 * p.error_rate) for p in pts], color="#d62728"),
-                        Series("dropped/s", [(p.t, float(p.dropped)) for p in pts], color="#ff7f0e"),
-                    ],
+                    "% of requests failed",
+                    [Series("errors", [(p.t, 100 * p.error_rate) for p in pts], color="#d62728")],
                     shade=shade,
                 )
             ),

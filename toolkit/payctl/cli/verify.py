@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -149,6 +150,7 @@ def _knee(
     step: int | None,
     report_dir: Path | None,
     quiet: bool,
+    cooldown_s: float,
 ) -> int:
     target_rps = ctx.spec.rps
     step = step or max(1, target_rps // 5)
@@ -182,7 +184,7 @@ def _knee(
         out.print(f"  {s.offered_rps:6d}/s -> {s.achieved_rps:8.1f}/s  p95 {p95} ms  dropped {s.dropped}  {verdict}")
 
     out.print(f"knee search: {', '.join(map(str, rates))} /s, {ctx.spec.duration_s:g}s each")
-    knee = find_knee(rates, one, show)
+    knee = find_knee(rates, one, show, between=lambda: time.sleep(cooldown_s))
     nodes = len(ctx.inv.with_role("app")) if ctx.inv else 1
     runtime = ctx.inv.runtime if ctx.inv else "local"
     calib = calibrate(knee, deployment=ctx.deployment, runtime=runtime, nodes=nodes, scenario=ctx.spec.scenario)
@@ -239,6 +241,7 @@ def register(app: typer.Typer) -> None:
         start: int = typer.Option(None, "--from", help="Knee search: first rate (default: step size)."),
         stop: int = typer.Option(None, "--to", help="Knee search: last rate (default: 2x the gate's rate)."),
         step_size: int = typer.Option(None, "--step-size", help="Knee search: rate increment (default rps/5)."),
+        cooldown: str = typer.Option("5s", "--cooldown", help="Knee search: pause between steps."),
         quiet: bool = typer.Option(False, "--quiet", help="No live display."),
         as_json: bool = typer.Option(False, "--json", help="Print only summary.json on stdout."),
     ) -> None:
@@ -273,7 +276,8 @@ def register(app: typer.Typer) -> None:
             runner = local_runner(_load_env_file(payapp_env))
             checks = payapp_checks(runner, backlog_bound_s=parse_duration(backlog_bound, what="--backlog-bound"))
         if find_knee:
-            raise typer.Exit(_knee(ctx, checks, start, stop, step_size, report_dir, quiet or as_json))
+            pause = parse_duration(cooldown, what="--cooldown")
+            raise typer.Exit(_knee(ctx, checks, start, stop, step_size, report_dir, quiet or as_json, pause))
         if ctx.phase is not None and not checks:
             err.print("note: server-side checks (backlog, reconciliation) skipped: no --payapp-env runner given")
         run = _run_gate(ctx, ctx.spec, checks, quiet or as_json)
