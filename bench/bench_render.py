@@ -9,6 +9,7 @@ times and prints each wall-clock time and the median. Needs root (the nginx/Redi
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,8 @@ def main() -> int:
     median = statistics.median(times)
     verdict = "meets" if median < TARGET_S else "MISSES"
     print(f"\n{' '.join(cmd[1:])}")
+    # Shared 2-core machine: the figure means little without the load other work put on it meanwhile.
+    print("load average (1, 5, 15 min): " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
     print(f"median {median:.2f} s, min {min(times):.2f} s, max {max(times):.2f} s over {len(times)} runs "
           f"-> {verdict} the {TARGET_S:.0f} s target")
     return 0 if median < TARGET_S else 1
