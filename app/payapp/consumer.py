@@ -23,7 +23,7 @@ import asyncmy
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from payapp import db, settlement
 from payapp.db import Batch, rollback_quietly, utcnow
@@ -114,6 +114,87 @@ async def apply_event(conn: asyncmy.Connection, event: Event, *, resolve: int | 
         raise
 
 
+def _in(n: int) -> str:
+    return ",".join(["%s"] * n)
+
+
+async def apply_batch(conn: asyncmy.Connection, batch: list[Event]) -> dict[str, str]:
+    """Apply many events in ONE transaction (one commit, one fsync); returns {eventId: outcome}.
+
+    Same rules as ``apply_event``. Events it cannot decide (payment missing in the primary, wrong merchant) are left
+    out of the result for the caller to handle one by one (retries, dead letter). Payment rows are locked (in id
+    order, so two consumers cannot deadlock) only where there is something to settle or a dead letter to park
+    behind; an event of a payment with nothing unsettled only records its eventId.
+    """
+    if not batch:
+        return {}
+    pids = sorted({e.payment_id for e in batch})
+    ids = list({e.event_id for e in batch})
+    first = Batch()
+    first.add("BEGIN")
+    i_pay = first.add(f"SELECT payment_id, merchant_id FROM payment WHERE payment_id IN ({_in(len(pids))})", *pids)
+    i_seen = first.add(f"SELECT event_id FROM processed_event WHERE event_id IN ({_in(len(ids))})", *ids)
+    i_dlq = first.add(f"SELECT DISTINCT payment_id FROM dlq_event WHERE payment_id IN ({_in(len(pids))})"
+                      " AND status = 'OPEN'", *pids)
+    i_ops = first.add(f"SELECT DISTINCT o.payment_id FROM ({settlement.unsettled_operations_in(len(pids))}) o", *pids)
+    try:
+        res = await first.run(conn)
+        merchants = {int(r[0]): r[1] for r in res[i_pay].rows}
+        seen = {r[0] for r in res[i_seen].rows}
+        lock = sorted({int(r[0]) for r in res[i_dlq].rows} | {int(r[0]) for r in res[i_ops].rows})
+        locked: dict[int, settlement.Locked] = {}
+        blocked: set[int] = set()
+        unsettled: dict[int, list[tuple[object, ...]]] = {}
+        if lock:
+            second = Batch()
+            i_lock = second.add(
+                f"SELECT payment_id, merchant_id, currency, event_seq FROM payment WHERE payment_id IN"
+                f" ({_in(len(lock))}) ORDER BY payment_id FOR UPDATE", *lock)
+            i_dlq2 = second.add(f"SELECT DISTINCT payment_id FROM dlq_event WHERE payment_id IN ({_in(len(lock))})"
+                                " AND status = 'OPEN'", *lock)
+            i_ops2 = second.add(settlement.unsettled_operations_in(len(lock)), *lock)
+            res2 = await second.run(conn)
+            locked = {int(r[0]): settlement.Locked(int(r[0]), r[1], r[2], int(r[3])) for r in res2[i_lock].rows}
+            blocked = {int(r[0]) for r in res2[i_dlq2].rows}
+            for r in res2[i_ops2].rows:
+                unsettled.setdefault(int(r[0]), []).append(tuple(r[1:]))
+        now = utcnow()
+        out: dict[str, str] = {}
+        third = Batch()
+        processed: list[object] = []
+        parked: list[object] = []
+        triggers: dict[int, str] = {}
+        for e in batch:
+            if e.event_id in out:
+                continue
+            if e.event_id in seen:
+                out[e.event_id] = DUPLICATE
+            elif e.payment_id in blocked:
+                out[e.event_id] = PARKED
+                parked += [e.event_id, e.payment_id, e.topic, e.sequence, e.raw, now]
+            elif merchants.get(e.payment_id) != e.merchant_id:
+                continue  # missing payment or wrong merchant: the one-by-one path decides (retry, dead letter)
+            else:
+                out[e.event_id] = APPLIED
+                processed += [e.event_id, e.payment_id, e.topic, e.sequence, now]
+                triggers.setdefault(e.payment_id, e.event_id)
+        if processed:
+            third.add("INSERT INTO processed_event (event_id, payment_id, topic, `sequence`, processed_at) VALUES "
+                      + ", ".join(["(%s, %s, %s, %s, %s)"] * (len(processed) // 5)), *processed)
+        if parked:
+            third.add("INSERT IGNORE INTO parked_event (event_id, payment_id, topic, `sequence`, payload, parked_at)"
+                      " VALUES " + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * (len(parked) // 6)), *parked)
+        for pid, trigger in triggers.items():
+            if pid in locked and pid in unsettled:
+                settlement.stage(third, locked[pid], tuple(unsettled[pid]), trigger, now)
+        third.add("COMMIT")
+        await third.run(conn)
+        return out
+    except BaseException:
+        await rollback_quietly(conn)
+        raise
+
+
 async def record_dead_letter(
     conn: asyncmy.Connection, source: str, topic: str, payment_id: int | None, event: Event | None, raw: str,
     error: str, attempts: int,
@@ -148,7 +229,8 @@ class ConsumerStats:
 
 
 class Worker:
-    """The consume loop: getmany → one transaction per event → commit offsets → repeat."""
+    """The consume loop: getmany → one transaction for the batch (one by one for what it cannot decide) → commit
+    offsets → repeat."""
 
     def __init__(self, db_url: str, settings: EventSettings) -> None:
         self.db_url = db_url
@@ -184,17 +266,42 @@ class Worker:
                 batch = await kafka.getmany(timeout_ms=200, max_records=500)
                 if not batch:
                     continue
-                offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-                for tp, records in batch.items():
-                    for record in records:
-                        await self.handle(record)
-                    offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "")
-                await kafka.commit(offsets)
+                await self.handle_many([r for records in batch.values() for r in records])
+                await kafka.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "")
+                                    for tp, records in batch.items()})
         finally:
             await kafka.stop()
             with contextlib.suppress(TimeoutError, KafkaError):
                 await asyncio.wait_for(self._producer.stop(), 10)
             self._drop_db()
+
+    async def handle_many(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """Apply a polled batch in one transaction; what it cannot decide (or any error) goes one by one."""
+        parsed: list[tuple[ConsumerRecord[bytes, bytes], Event]] = []
+        single: list[ConsumerRecord[bytes, bytes]] = []
+        for record in records:
+            try:
+                parsed.append((record, parse_event(self.s.logical(record.topic), record.value)))
+            except PoisonError:
+                single.append(record)
+        try:
+            outcomes = await apply_batch(await self._db(), [e for _, e in parsed])
+        except Exception as exc:
+            if _transient(exc):
+                self._drop_db()
+            log.info("consume: batch of %d fell back to one by one: %s", len(parsed), exc)
+            outcomes = {}
+        counted: set[str] = set()
+        for record, event in parsed:
+            if event.event_id not in outcomes:
+                single.append(record)
+            elif event.event_id not in counted:
+                counted.add(event.event_id)
+                self._count(outcomes[event.event_id], event.topic)
+            else:
+                self._count(DUPLICATE, event.topic)
+        for record in sorted(single, key=lambda r: (r.topic, r.partition, r.offset)):
+            await self.handle(record)
 
     async def handle(self, record: ConsumerRecord[bytes, bytes]) -> str:
         """Apply one record, retrying failures up to the limit, then dead-lettering it."""

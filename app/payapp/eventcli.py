@@ -139,7 +139,9 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
     reports = _until_signal(work)
     for r in reports:
-        ids = ",".join(str(i) for i in r.mismatched_payment_ids) or "-"
+        shown = r.mismatched_payment_ids
+        ids = ",".join(str(i) for i in shown[:20]) + (f",...({len(shown)} in all)" if len(shown) > 20 else "")
+        ids = ids or "-"
         print(f"report {r.report_id} {r.window.report_date} balanced={str(r.is_balanced).lower()} "
               f"debit={r.total_debit} credit={r.total_credit} payments={r.payments_checked} "
               f"captures={r.captures_checked} mismatched={ids}")

@@ -37,6 +37,19 @@ UNSETTLED_OPERATIONS = (
     " WHERE o.payment_id = %s AND o.kind IN ('CAPTURE', 'REFUND') AND s.settlement_id IS NULL"
     " ORDER BY o.kind = 'REFUND', o.operation_id"
 )
+
+
+def unsettled_operations_in(n: int) -> str:
+    """UNSETTLED_OPERATIONS for ``n`` payments at once, with payment_id as the first column."""
+    return (
+        "SELECT o.payment_id, o.operation_id, o.kind, o.amount FROM payment_operation o"
+        " LEFT JOIN settlement s ON s.operation_id = o.operation_id"
+        " AND s.kind = IF(o.kind = 'CAPTURE', 'CAPTURE', 'ADJUSTMENT')"
+        f" WHERE o.payment_id IN ({','.join(['%s'] * n)}) AND o.kind IN ('CAPTURE', 'REFUND')"
+        " AND s.settlement_id IS NULL ORDER BY o.payment_id, o.kind = 'REFUND', o.operation_id"
+    )
+
+
 _INSERT = (
     "INSERT INTO settlement (payment_id, merchant_id, operation_id, kind, settled_amount, currency, event_id,"
     " settled_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"

