@@ -130,3 +130,12 @@ def test_payapps_own_output_formats_are_read() -> None:
     unbalanced = balanced.replace("balanced=true", "balanced=false").replace("mismatched=-", "mismatched=77")
     c = ReconciliationBalanced(Script([CommandResult(3, unbalanced, "")])).run(60)
     assert not c.passed and c.measured == "not balanced: exit 3 (report 12)" and "mismatched=77" in c.detail
+
+
+def test_the_default_payapp_is_the_one_next_to_this_python() -> None:
+    from payctl.serverchecks import local_payapp
+
+    runner = Script([CommandResult(0, "total\t0\n", "")])
+    run_server_checks(payapp_checks(runner), load_phase(1))
+    assert runner.calls == [[*local_payapp(), "lag"]]
+    assert local_payapp() == (str(Path(sys.executable).parent / "payapp"),)  # the venv ships payapp

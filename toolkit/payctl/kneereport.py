@@ -101,7 +101,12 @@ def _summary_lines(cal: Calibration, notes: list[str]) -> list[str]:
     lines = [f"knee (highest passing rate): {knee}, resolution {cal.step_rps}/s"]
     if cal.fit is not None:
         f = cal.fit
-        peak = f"{f.peak_rps:.0f}/s at concurrency {f.peak_concurrency:.1f}" if math.isfinite(f.peak_rps) else "none"
+        if not math.isfinite(f.peak_rps):
+            peak = "none (throughput still grows with load)"
+        elif math.isfinite(f.peak_concurrency):
+            peak = f"{f.peak_rps:.0f}/s at concurrency {f.peak_concurrency:.1f}"
+        else:
+            peak = f"{f.peak_rps:.0f}/s approached as load grows (Amdahl)"
         lines.append(
             f"model {f.model}: lambda {f.lam:.1f}/s, sigma {f.sigma:.4f}, kappa {f.kappa:.6f}, rmse {f.rmse:.1f}/s; "
             f"ceiling {peak}" + (f" (± {cal.peak_stderr:.0f})" if cal.peak_stderr else "")

@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from payctl.gate import Criterion
@@ -159,11 +161,17 @@ class ReconciliationBalanced:
         )
 
 
+def local_payapp() -> tuple[str, ...]:
+    """``payapp`` next to this Python (the venv payctl runs from), else whatever PATH finds."""
+    here = Path(sys.executable).parent / "payapp"
+    return (str(here),) if here.is_file() else ("payapp",)
+
+
 def payapp_checks(
-    runner: CommandRunner, payapp: Sequence[str] = ("payapp",), backlog_bound_s: float = 60.0
+    runner: CommandRunner, payapp: Sequence[str] | None = None, backlog_bound_s: float = 60.0
 ) -> list[ServerCheck]:
-    """The standard server-side checks, run with ``payapp`` commands through ``runner``."""
-    cmd = tuple(payapp)
+    """The standard server-side checks, run with ``payapp`` commands through ``runner`` (default: the local one)."""
+    cmd = tuple(payapp) if payapp is not None else local_payapp()
     return [BacklogDrained(runner, cmd, bound_s=backlog_bound_s), ReconciliationBalanced(runner, cmd)]
 
 
