@@ -106,3 +106,21 @@ async def test_manual_run_waits_for_a_running_one(pipeline: Pipeline) -> None:
         assert "report " in p.log_of(proc)
     finally:
         holder.close()
+
+
+async def test_two_schedulers_write_one_report_per_day_for_the_hour(pipeline: Pipeline) -> None:
+    """Both run `reconcile --schedule` with the hour's minute already reached: one of them claims the hour."""
+    p = pipeline
+    procs = [p.start("reconcile", "--schedule", name=f"sched{i}", PAYAPP_RECONCILE_MINUTE="0") for i in range(2)]
+    deadline = time.monotonic() + 30
+    while p.scalar("SELECT COUNT(*) FROM reconciliation_report") == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+    await asyncio.sleep(2)
+    for proc in procs:
+        proc.terminate()
+    assert [proc.wait(20) for proc in procs] == [0, 0]
+    # One report per business day (two only in the first hour of a day, which also closes the previous one).
+    rows = p.sql("SELECT report_date, COUNT(*), MIN(trigger_kind) FROM reconciliation_report GROUP BY report_date")
+    assert rows and all(n == "1" and kind == "schedule" for _, n, kind in rows), rows
+    printed = [sum(line.startswith("report ") for line in p.log_of(proc).splitlines()) for proc in procs]
+    assert sorted(printed)[0] == 0 and sorted(printed)[1] == len(rows)
