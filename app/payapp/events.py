@@ -93,7 +93,7 @@ class EventSettings:
     min_insync_replicas: int
     idempotence: bool
     compression: str
-    batch_bytes: int
+    batch_size: int
     linger_ms: int
     group: str
     relay_batch: int
@@ -145,7 +145,7 @@ EVENT_SPECS: tuple[Spec, ...] = (
          "min.insync.replicas of the topics (acks=all waits for this many)"),
     Spec("KAFKA_IDEMPOTENCE", "idempotence", _bool, "on", "idempotent producer (Apache Kafka: on; Tansu: off)"),
     Spec("KAFKA_COMPRESSION", "compression", _compression, "lz4", "producer compression"),
-    Spec("KAFKA_BATCH_BYTES", "batch_bytes", _int(1024, 16 * 1024 * 1024), "16384", "producer batch size"),
+    Spec("KAFKA_BATCH_SIZE", "batch_size", _int(1024, 16 * 1024 * 1024), "16384", "producer batch size in bytes"),
     Spec("KAFKA_LINGER_MS", "linger_ms", _int(0, 10000), "10", "producer linger"),
     Spec("KAFKA_GROUP", "group", str, "payapp-settlement", "consumer group of `payapp consume`"),
     Spec("RELAY_BATCH", "relay_batch", _int(1, 100000), "500", "outbox rows the relay publishes per round"),
@@ -254,7 +254,7 @@ def producer(s: EventSettings) -> AIOKafkaProducer:
     """The one producer configuration: acks=all, key = paymentId, batching and idempotence from settings."""
     return AIOKafkaProducer(
         bootstrap_servers=s.require_bootstrap(), acks="all", enable_idempotence=s.idempotence,
-        compression_type=None if s.compression == "none" else s.compression, max_batch_size=s.batch_bytes,
+        compression_type=None if s.compression == "none" else s.compression, max_batch_size=s.batch_size,
         linger_ms=s.linger_ms, request_timeout_ms=int(max(s.publish_timeout_s, 1) * 1000),
     )
 
