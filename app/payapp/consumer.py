@@ -267,8 +267,13 @@ class Worker:
                 if not batch:
                     continue
                 await self.handle_many([r for records in batch.values() for r in records])
-                await kafka.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "")
-                                    for tp, records in batch.items()})
+                try:
+                    await kafka.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "")
+                                        for tp, records in batch.items()})
+                except KafkaError as exc:
+                    # A rebalance or a broker outage: the records come again (to us or another member) and
+                    # their eventIds make them no-ops.
+                    log.warning("consume: offset commit failed (%s); records will be redelivered", exc)
         finally:
             await kafka.stop()
             with contextlib.suppress(TimeoutError, KafkaError):

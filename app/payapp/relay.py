@@ -117,8 +117,8 @@ class Relay:
             "SELECT id, topic, payment_id, payload FROM outbox_event WHERE published_at IS NULL ORDER BY id LIMIT %s",
             self.s.relay_batch,
         )).rows
+        await self._purge(conn)  # at most once a minute, also when the outbox never empties
         if not rows:
-            await self._purge(conn)
             await sleep_until(stop, self.s.relay_poll_s)
             return
         if await self._publish(conn, rows):
@@ -180,7 +180,7 @@ class Relay:
         task.add_done_callback(self._abandoned.discard)
 
     async def _purge(self, conn: asyncmy.Connection) -> None:
-        if time.monotonic() - self._purged_at < 60:
+        if time.monotonic() - self._purged_at < min(60.0, max(1.0, self.s.outbox_retention_s / 10)):
             return
         self._purged_at = time.monotonic()
         for table, column in (("outbox_event", "published_at"), ("processed_event", "processed_at")):

@@ -123,3 +123,16 @@ async def test_relay_metrics_export_backlog_and_lag(pipeline: Pipeline, api: Api
 
     await eventually(scraped, 30, "relay /metrics with leader=1 and lag 1")
     await asyncio.sleep(0)
+
+
+async def test_published_rows_are_purged_after_the_retention(pipeline: Pipeline, api: Api) -> None:
+    p = pipeline
+    for _ in range(3):
+        await api.authorize(800)
+    relay = p.start("relay", PAYAPP_OUTBOX_RETENTION_S="0")
+    await eventually(lambda: p.scalar("SELECT COUNT(*) FROM outbox_event") == 0, 30, "published rows purged")
+    # Purged after publication, not instead of it.
+    seen = await topic_event_ids(p, ("payment.authorized",))
+    assert len(seen["payment.authorized"]) == 3
+    relay.terminate()
+    relay.wait(20)
