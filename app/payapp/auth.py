@@ -69,7 +69,7 @@ class ApiKeys:
 
 async def create_merchant(db_url: str, merchant_id: str, name: str, rotate: bool = False) -> str:
     """Create a merchant (or, with ``rotate``, give an existing one a new key); returns the new API key."""
-    if not 1 <= len(merchant_id) <= 32 or any(c.isspace() or not c.isprintable() for c in merchant_id):
+    if not 1 <= len(merchant_id) <= 32 or not merchant_id.isprintable() or any(c.isspace() for c in merchant_id):
         raise PayappError(f"merchant id {merchant_id!r} must be 1-32 printable characters without spaces")
     key = new_api_key()
     conn = await db.connect(DbTarget.parse(db_url))

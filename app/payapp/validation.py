@@ -34,7 +34,7 @@ def _storable(field: str, value: str, identifier: bool) -> str:
         value.encode()
     except UnicodeEncodeError:
         raise validation_error(f"{field}: contains characters that are not valid UTF-8") from None
-    if identifier and any(not c.isprintable() for c in value):
+    if identifier and not value.isprintable():
         raise validation_error(f"{field}: must not contain control characters")
     return value
 
