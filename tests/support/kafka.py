@@ -197,7 +197,8 @@ class Kafka:
 
     def _format(self, lib: Path, node: KafkaNode) -> None:
         args = ["java", "-Xmx128m", "-XX:TieredStopAtLevel=1", "-cp", f"{lib}/*", "kafka.tools.StorageTool",
-                "format", "-t", self.cluster_id, "-c", str(node.properties)]
+                "format", f"--cluster-id={self.cluster_id}", "-c", str(node.properties)]
+        # "=" form: a base64 id may start with "-", which argparse would take for an option.
         if "controller" in node.roles:
             args.append("--standalone")  # a one-voter dynamic quorum
         else:
