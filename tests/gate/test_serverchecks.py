@@ -139,3 +139,28 @@ def test_the_default_payapp_is_the_one_next_to_this_python() -> None:
     run_server_checks(payapp_checks(runner), load_phase(1))
     assert runner.calls == [[*local_payapp(), "lag"]]
     assert local_payapp() == (str(Path(sys.executable).parent / "payapp"),)  # the venv ships payapp
+
+
+def test_reconcile_that_could_not_run_is_not_called_unbalanced() -> None:
+    err = "payapp: error: cannot connect to MariaDB: (1130, Host 10.77.0.1 is not allowed to connect)\n"
+    c = ReconciliationBalanced(Script([CommandResult(1, "", err)])).run(60)
+    assert not c.passed and c.measured == "reconciliation did not run: exit 1" and "1130" in c.detail
+
+
+def test_netns_runner_runs_inside_the_namespace(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from payctl.serverchecks import netns_runner
+
+    if os.geteuid() != 0:
+        pytest.fail("needs root (network namespaces); CI runs as root")
+    ns = f"pgate-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        res = netns_runner(ns)(["ip", "-o", "link", "show"], 10)
+        assert res.returncode == 0
+        links = [line.split(":")[1].strip() for line in res.stdout.splitlines()]
+        assert links == ["lo"]  # a fresh namespace holds only its loopback: the command ran in there
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)

@@ -64,6 +64,18 @@ def local_runner(env: dict[str, str] | None = None) -> CommandRunner:
     return run
 
 
+def netns_runner(namespace: str, env: dict[str, str] | None = None) -> CommandRunner:
+    """Runs commands inside a lab node's network namespace (``ip netns exec``): lab hosts share this machine's
+    filesystem, so the node's own venv and env file are reachable, and the node's database grants (which admit the
+    node's address, not the bridge's) apply."""
+    inner = local_runner(env)
+
+    def run(argv: Sequence[str], timeout: float) -> CommandResult:
+        return inner(["ip", "netns", "exec", namespace, *argv], timeout)
+
+    return run
+
+
 def _sum_lag(data: Any) -> int | None:
     if isinstance(data, bool):
         return None
@@ -144,6 +156,7 @@ class ReconciliationBalanced:
     runner: CommandRunner
     payapp: tuple[str, ...] = ("payapp",)
     timeout_s: float = 300.0
+    unbalanced_exit: int = 3  # payapp reconcile's exit code for "ran, and found a mismatch"
     name: str = "reconciliation balanced"
 
     def applies(self, phase: Phase | None) -> bool:
@@ -156,9 +169,11 @@ class ReconciliationBalanced:
         report = f"report {m.group(1)}" if m else "no report id printed"
         if res.returncode == 0:
             return Criterion(self.name, True, f"balanced ({report})", "balanced")
-        return Criterion(
-            self.name, False, f"not balanced: exit {res.returncode} ({report})", "balanced", detail=_tail(out, 5)
-        )
+        if res.returncode == self.unbalanced_exit or "balanced=false" in out:
+            measured = f"not balanced: exit {res.returncode} ({report})"
+        else:
+            measured = f"reconciliation did not run: exit {res.returncode}"
+        return Criterion(self.name, False, measured, "balanced", detail=_tail(out, 5))
 
 
 def local_payapp() -> tuple[str, ...]:

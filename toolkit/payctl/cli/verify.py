@@ -23,7 +23,7 @@ from rich.text import Text
 from payctl.calibrate import Step, calibrate, find_knee, knee_rates
 from payctl.calibration import compare_with_plan, predict_capacity, store
 from payctl.calibration import load as load_calibrations
-from payctl.errors import ConfigError
+from payctl.errors import ConfigError, PayctlError
 from payctl.gate import (
     GateSpec,
     Scenario,
@@ -35,11 +35,13 @@ from payctl.gate import (
     parse_latency,
     spec_from_phase,
 )
+from payctl.hosts import is_lab
 from payctl.inventory import Inventory, load_inventory
 from payctl.kneereport import write_knee_report
+from payctl.lab import layout as lab_layout
 from payctl.phase import Phase, load_phase
 from payctl.report import VerifyRun, write_report
-from payctl.serverchecks import ServerCheck, local_runner, payapp_checks
+from payctl.serverchecks import ServerCheck, local_runner, netns_runner, payapp_checks
 from payctl.timeseries import Live
 from payctl.verification import gate_run
 
@@ -82,6 +84,24 @@ def _load_env_file(path: Path) -> dict[str, str]:
             k, v = line.split("=", 1)
             env[k.strip()] = v.strip().strip("'\"")
     return env
+
+
+def _lab_checks(inv: Inventory, bound_s: float) -> list[ServerCheck]:
+    """On a lab deployment, run payapp inside the first app node's namespace with its own venv and env file."""
+    if not is_lab(inv):
+        return []
+    try:
+        nodes = {n.node: n for n in lab_layout(inv)}
+    except PayctlError:
+        return []
+    app = next((nodes[n.name] for n in inv.with_role("app") if n.name in nodes), None)
+    if app is None:
+        return []
+    payapp, env_file = app.prefix / "venv" / "bin" / "payapp", app.prefix / "app.env"
+    if not (payapp.is_file() and env_file.is_file()):
+        return []
+    cmd = (str(payapp), "--env-file", str(env_file))
+    return payapp_checks(netns_runner(app.namespace), payapp=cmd, backlog_bound_s=bound_s)
 
 
 class _Context:
@@ -272,14 +292,16 @@ def register(app: typer.Typer) -> None:
         ctx = _Context(inventory, url, phase, {k: v for k, v in overrides.items() if v is not None})
         ctx.warn()
         checks: list[ServerCheck] = []
+        bound = parse_duration(backlog_bound, what="--backlog-bound")
         if payapp_env is not None:
-            runner = local_runner(_load_env_file(payapp_env))
-            checks = payapp_checks(runner, backlog_bound_s=parse_duration(backlog_bound, what="--backlog-bound"))
+            checks = payapp_checks(local_runner(_load_env_file(payapp_env)), backlog_bound_s=bound)
+        elif ctx.inv is not None and not ctx.target.loopback:
+            checks = _lab_checks(ctx.inv, bound)
         if find_knee:
             pause = parse_duration(cooldown, what="--cooldown")
             raise typer.Exit(_knee(ctx, checks, start, stop, step_size, report_dir, quiet or as_json, pause))
         if ctx.phase is not None and not checks:
-            err.print("note: server-side checks (backlog, reconciliation) skipped: no --payapp-env runner given")
+            err.print("note: server-side checks (backlog, reconciliation) skipped: no runner (--payapp-env FILE)")
         run = _run_gate(ctx, ctx.spec, checks, quiet or as_json)
         path = write_report(run, directory=report_dir)
         if as_json:
