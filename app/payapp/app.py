@@ -13,7 +13,7 @@ from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from payapp import api, db
+from payapp import api, db, openapi
 from payapp.auth import ApiKeys
 from payapp.codec import CODECS
 from payapp.keys import API_KEYS, CODEC, DB_POOL, LIMITER, METRICS, PAYMENTS, REDIS, SETTINGS
@@ -34,6 +34,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_redis)
     api.add_routes(app)
+    app.router.add_get("/openapi.json", openapi.handler)
     return app
 
 

@@ -1,0 +1,82 @@
+"""Fixtures for the hostile-input tests: the payment service's own fixtures (tests/app/conftest.py), reused.
+
+Added here: ``check_error`` (the one error shape, the right code, no traceback), ``authorized`` (a fresh payment
+for a new merchant) and ``fuzz_server`` (one real ``payapp serve`` per module, for schemathesis and slow clients).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.app.conftest import (  # noqa: F401 - fixtures are used by name
+    AppDatabase,
+    ServeProcess,
+    app_db,
+    client,
+    make_env,
+    merchant,
+    new_database,
+    serve,
+    settings,
+    start_serve,
+)
+from tests.support.services import MariaDB, Redis, free_port
+
+ERROR_KEYS = {"code", "message", "paymentId"}
+
+
+def check_error(status: int, body: bytes, content_type: str, want_status: int, want_code: str) -> dict[str, Any]:
+    """Assert a response is the documented error: status, JSON ``{code, message, paymentId?}``, no traceback."""
+    text = body.decode("utf-8", errors="replace")
+    assert status == want_status, (status, text[:500])
+    assert "Traceback" not in text and 'File "' not in text, text[:500]
+    assert content_type.startswith("application/json"), (content_type, text[:200])
+    data = json.loads(body)
+    assert isinstance(data, dict) and set(data) <= ERROR_KEYS and {"code", "message"} <= set(data), data
+    assert isinstance(data["message"], str) and data["message"], data
+    assert data["code"] == want_code, data
+    if "paymentId" in data:
+        assert isinstance(data["paymentId"], int) and data["paymentId"] > 0, data
+    return data
+
+
+async def expect_error(resp: Any, want_status: int, want_code: str) -> dict[str, Any]:
+    """``check_error`` on an aiohttp client response."""
+    return check_error(resp.status, await resp.read(), resp.headers.get("Content-Type", ""), want_status, want_code)
+
+
+async def authorize(http: TestClient[Any, Any], merchant_id: str, amount: int = 1000,
+                    headers: dict[str, str] | None = None) -> int:
+    body = {"merchantId": merchant_id, "amount": amount, "currency": "KRW", "idempotencyKey": uuid.uuid4().hex}
+    resp = await http.post("/payments/authorize", json=body, headers=headers)
+    data = await resp.json()
+    assert resp.status == 200, data
+    return int(data["paymentId"])
+
+
+@pytest.fixture(scope="module")
+def payapp_env(app_db: AppDatabase, redis_server: Redis) -> dict[str, str]:  # noqa: F811
+    # tests/app's make_env sets PAYAPP_PORT=0, which Settings refuses (1..65535); the in-process client never
+    # binds it, so any valid port will do.
+    return make_env(app_db.url, redis_server.url(), PORT=free_port())
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(mariadb: MariaDB, redis_server: Redis,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """A real ``payapp serve`` (1 worker, auth off) on its own database, for the whole module."""
+    database = new_database(mariadb, "hostile")
+    env = make_env(database.url, redis_server.url(), KEEPALIVE_TIMEOUT="5")
+    proc = start_serve(env, tmp_path_factory.mktemp("serve") / "serve.log", workers=1)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+        mariadb.sql(f"DROP DATABASE IF EXISTS {database.name}")
