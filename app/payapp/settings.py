@@ -2,8 +2,8 @@
 
 Sources, in order of precedence: the process environment, then the file given with ``--env-file`` (``KEY=VALUE``
 lines, ``#`` comments, optional ``export`` and quotes), then the defaults below. ``SPECS`` is the one list of
-variables: parsing, defaults and docs/api.md's settings table all come from it. Adding a setting is one line there
-and one field on ``Settings``.
+variables, with their parsers and defaults; adding a setting is one line there, one field on ``Settings`` and one
+row in docs/api.md's settings table (a test checks every variable is documented).
 """
 
 from __future__ import annotations

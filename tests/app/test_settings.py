@@ -75,3 +75,11 @@ def test_to_env_round_trips() -> None:
     s = Settings.from_env({"PAYAPP_DB_URL": DB, "PAYAPP_CORS_ORIGINS": "*", "PAYAPP_GC_THRESHOLD": "50000,20,10",
                            "PAYAPP_GC_FREEZE": "off", "PAYAPP_RATE_LIMIT_FAIL": "closed"})
     assert Settings.from_env(s.to_env()) == s
+
+
+def test_every_setting_is_documented() -> None:
+    from payapp.settings import PREFIX, SPECS
+
+    table = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    missing = [PREFIX + s.name for s in SPECS if f"| `{PREFIX}{s.name}` |" not in table]
+    assert missing == []
