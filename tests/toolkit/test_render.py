@@ -554,3 +554,42 @@ def test_a_template_error_names_the_template_and_file() -> None:
     broken.filters.update(real.filters)
     with pytest.raises(PayctlError, match=r"template mariadb/my.cnf.j2 for node1/mariadb/my.cnf: .*no_such_value"):
         node_files(plan, plan.node("node1"), broken, lambda name: f"{{{{SECRET:{name}}}}}")
+
+
+def test_rendered_sentinel_answers_clients_on_its_private_address(tmp_path: Path) -> None:
+    """Redis's protected mode refuses every non-loopback client while `default` has no password, even clients that
+    authenticate: the rendered Sentinel, run in a namespace of ours on the lab address, must answer its peers."""
+    import os
+
+    from tests.support.services import wait_until
+
+    conf = render(plan_for("lab-2node", 5), {n: f"pw-{n}" for n in (
+        "mariadb_app", "mariadb_migrate", "mariadb_exporter", "mariadb_replication", "mariadb_root", "redis_app",
+        "redis_replication", "redis_sentinel", "redis_exporter")})["node1/redis/sentinel.conf"].text
+    moved = "\n".join({"dir": f"dir {tmp_path}", "logfile": f"logfile {tmp_path / 's.log'}",
+                       "pidfile": f"pidfile {tmp_path / 's.pid'}"}.get(ln.split(" ", 1)[0], ln)
+                      for ln in conf.splitlines()) + "\n"  # fmt: skip
+    (tmp_path / "sentinel.conf").write_text(moved)
+    ns = f"payctl-test-snt-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    proc = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", "10.77.0.11/32", "dev", "lo"], check=True)
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, "redis-sentinel", str(tmp_path / "sentinel.conf")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+        def cli(*args: str) -> str:
+            env = {**os.environ, "REDISCLI_AUTH": "pw-redis_sentinel"}
+            out = subprocess.run(["ip", "netns", "exec", ns, "redis-cli", "-h", "10.77.0.11", "-p", "26379", *args],
+                                 capture_output=True, text=True, env=env, check=False)  # fmt: skip
+            return out.stdout + out.stderr
+
+        wait_until(lambda: "Connection refused" not in cli("--user", "sentinel", "ping"), 20, "sentinel listening")
+        assert cli("--user", "sentinel", "ping").strip() == "PONG"
+        assert "10.77.0.11" in cli("--user", "sentinel", "sentinel", "get-master-addr-by-name", "payctl")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
