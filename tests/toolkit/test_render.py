@@ -531,6 +531,21 @@ def test_rendered_mariadb_primary_and_replica_replicate_with_gtid_and_semisync(t
             sql("node2", "INSERT INTO payments.t VALUES (2);", user="app", host=addr["node2"])
         with pytest.raises(RuntimeError, match="command denied"):
             sql("node1", "DROP TABLE payments.t;", user="app", host=addr["node1"])
+        # The Debian mysqld exporter with the rendered credentials file reaches the primary as `exporter`.
+        exporter_cnf = tmp_path / "node1" / "mariadb" / "exporter.cnf"
+        exporter_cnf.write_text(files["node1/mariadb/exporter.cnf"].text)
+        procs.append(subprocess.Popen(["ip", "netns", "exec", ns["node1"], "prometheus-mysqld-exporter",
+                                       f"--config.my-cnf={exporter_cnf}", "--web.listen-address=10.77.0.11:9104"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+
+        def mysql_up() -> bool:
+            out = subprocess.run(["ip", "netns", "exec", ns["node1"], "python3", "-c",
+                                  "import urllib.request; print(urllib.request.urlopen("
+                                  "'http://10.77.0.11:9104/metrics', timeout=3).read().decode())"],
+                                 capture_output=True, text=True, check=False)  # fmt: skip
+            return "\nmysql_up 1" in out.stdout
+
+        wait_until(mysql_up, 20, "mysqld exporter reporting mysql_up 1")
     finally:
         for p in procs:
             p.terminate()

@@ -710,10 +710,14 @@ def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Secr
             add("mariadb/replica.sql.j2", "mariadb/replica.sql", FileKind.SQL,
                 "CHANGE MASTER TO ... MASTER_USE_GTID=slave_pos (replica only)", mode=0o600)
         if "exporters" in comps:
+            # host: the exporter user exists for the node's private address only (not for localhost).
+            port = str(ctx["ports"]["mariadb"])
             files.append(RenderedFile(node.name, "mariadb/exporter.cnf", FileKind.MARIADB_CLIENT_CNF,
-                                      f"[client]\nuser=exporter\npassword={secret('mariadb_exporter')}\n",
+                                      f"[client]\nuser=exporter\npassword={secret('mariadb_exporter')}\n"
+                                      f"host={node.private_address}\nport={port}\n",
                                       mode=0o600, description="mysqld exporter credentials",
-                                      expect={"user": "exporter"}))  # fmt: skip
+                                      expect={"user": "exporter", "host": node.private_address, "port": port}))
+
         if plan.runtime == "compose":
             files.append(RenderedFile(node.name, "mariadb/mariadb.env", FileKind.ENV_FILE,
                                       _env_text([("MARIADB_ROOT_PASSWORD", secret("mariadb_root")),
