@@ -94,6 +94,8 @@ def payment_id(raw: str) -> int:
     """A payment id from the path: 400 when it is not a positive integer, 404 when no payment can have it."""
     if not raw.isascii() or not raw.isdigit():
         raise validation_error("paymentId: must be a positive integer")
+    if len(raw.lstrip("0")) > len(str(MAX_PAYMENT_ID)):  # int() refuses > 4300 digits (a 500); none is an id
+        raise not_found(None)
     value = int(raw)
     if not 1 <= value <= MAX_PAYMENT_ID:
         raise not_found(None)
