@@ -292,6 +292,9 @@ def _start_redis(conf: str, base: Path, port: int, master_port: int | None) -> s
 def test_rendered_redis_acls_and_replication_on_real_servers(tmp_path: Path) -> None:
     """Master and replica from the rendered files: the replica syncs with its `replication` user, the app user can
     run the app's rate-limit script, and the other users get only what they need."""
+    import os
+    import urllib.request
+
     import redis
 
     from tests.support.services import free_port, wait_until
@@ -352,6 +355,28 @@ def test_rendered_redis_acls_and_replication_on_real_servers(tmp_path: Path) -> 
             return bool(master["num-slaves"] == 1 and not master["is_sdown"] and not master["is_odown"])
 
         wait_until(sees_replica, 20, "sentinel authenticated to the master and found the replica")
+        # The Debian redis exporter as the rendered `exporter` ACL user: scrapes without a permission error.
+        eport = free_port()
+        procs.append(subprocess.Popen(["prometheus-redis-exporter", "-redis.addr", f"redis://127.0.0.1:{mport}",
+                                       "-redis.user", "exporter", "-web.listen-address", f"127.0.0.1:{eport}"],
+                                      env={**os.environ, "REDIS_PASSWORD": secrets["redis_exporter"]},
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+        scraped: dict[str, str] = {}
+
+        def exporter_scraped() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{eport}/metrics", timeout=3) as resp:
+                    text = resp.read().decode()
+            except OSError:
+                return False
+            scraped.update(ln.split(" ", 1) for ln in text.splitlines() if ln and not ln.startswith("#"))
+            return "redis_up" in scraped
+
+        wait_until(exporter_scraped, 20, "redis exporter scrape")
+        assert scraped["redis_up"] == "1"
+        errors = {k: v for k, v in scraped.items() if k.startswith("redis_exporter_last_scrape_error")}
+        assert errors and all(v == "0" for v in errors.values()), errors
+        assert "redis_connected_slaves" in scraped
     finally:
         for p in procs:
             p.terminate()
