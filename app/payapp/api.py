@@ -181,7 +181,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
                 response = _error(app, _too_large())
             else:
                 code = _HTTP_CODES.get(exc.status, f"HTTP_{exc.status}")
-                response = _error(app, ApiError(exc.status, code, exc.reason))
+                allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # a 405 must name them
+                response = _error(app, ApiError(exc.status, code, exc.reason, headers=allow))
         except (BatchError, asyncmy.errors.MySQLError, ConnectionError) as exc:
             log.warning("%s %s: database unavailable: %s", request.method, request.path, exc)
             response = _error(app, ApiError(503, "SERVICE_UNAVAILABLE", "database unavailable; retry later",
