@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +121,6 @@ class ServeProcess:
     port: int
     log: Path
     workers: int
-    env: dict[str, str] = field(repr=False, default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -180,7 +178,7 @@ def start_serve(env: dict[str, str], log: Path, workers: int = 2, port: int | No
     with log.open("ab") as out:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "payapp"), "serve"], env=full, stdout=out,
                                 stderr=subprocess.STDOUT, cwd=REPO)
-    return ServeProcess(proc, port, log, workers, full)
+    return ServeProcess(proc, port, log, workers)
 
 
 @pytest.fixture
@@ -195,20 +193,5 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
 
     yield start
     for proc in started:
-        pids = proc.worker_pids()
-        proc.stop()
-        for pid in pids:  # never leave a worker behind, whatever the test did
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-async def gather_limited(n: int, factory: Callable[[int], Any], limit: int = 50) -> list[Any]:
-    """Run ``factory(i)`` for i in range(n), at most ``limit`` at a time; results in order."""
-    sem = asyncio.Semaphore(limit)
-
-    async def one(i: int) -> Any:
-        async with sem:
-            return await factory(i)
-
-    return await asyncio.gather(*(one(i) for i in range(n)))
+        proc.stop()  # the master exits only after its workers did
 
