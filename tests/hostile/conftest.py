@@ -22,11 +22,12 @@ from tests.app.conftest import (  # noqa: F401 - fixtures are used by name
     make_env,
     merchant,
     new_database,
+    payapp_env,
     serve,
     settings,
     start_serve,
 )
-from tests.support.services import MariaDB, Redis, free_port
+from tests.support.services import MariaDB, Redis
 
 ERROR_KEYS = {"code", "message", "paymentId"}
 
@@ -58,13 +59,6 @@ async def authorize(http: TestClient[Any, Any], merchant_id: str, amount: int = 
     data = await resp.json()
     assert resp.status == 200, data
     return int(data["paymentId"])
-
-
-@pytest.fixture(scope="module")
-def payapp_env(app_db: AppDatabase, redis_server: Redis) -> dict[str, str]:  # noqa: F811
-    # tests/app's make_env sets PAYAPP_PORT=0, which Settings refuses (1..65535); the in-process client never
-    # binds it, so any valid port will do.
-    return make_env(app_db.url, redis_server.url(), PORT=free_port())
 
 
 @pytest.fixture(scope="module")
