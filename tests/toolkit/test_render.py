@@ -633,3 +633,22 @@ def test_rendered_sentinel_answers_clients_on_its_private_address(tmp_path: Path
             proc.terminate()
             proc.wait(10)
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+@pytest.mark.parametrize(("inventory", "phase"), [("lab-2node", 5), ("lab-1node", 4), ("ktcloud-2node", 5)])
+def test_every_scrape_target_has_a_process_listening_there(inventory: str, phase: int) -> None:
+    """Prometheus scrapes only what the rendered files start: each target address:port of prometheus.yml appears as
+    a listen address of a supervisor program / compose service (or is the app port, where payapp listens)."""
+    plan = plan_for(inventory, phase)
+    files = render(plan)
+    prom = yaml.safe_load(next(f.text for f in files.values() if f.path == "prometheus/prometheus.yml"))
+    started = "\n".join(f.text for f in files.values() if f.kind in (FileKind.SUPERVISOR_CONF, FileKind.COMPOSE))
+    env = "\n".join(f.text for f in files.values() if f.kind is FileKind.APP_ENV)
+    for job in prom["scrape_configs"]:
+        for sc in job["static_configs"]:
+            for target in sc["targets"]:
+                host, port = target.rsplit(":", 1)
+                if job["job_name"] in ("payapp", "relay", "consumer"):
+                    assert f"PAYAPP_HOST={host}" in env, target  # payapp's own ports on the node's address
+                else:
+                    assert target in started or f"{host}:{port}" in started, (job["job_name"], target)

@@ -471,11 +471,11 @@ def _programs(plan: Plan, node: NodePlan, lab: bool, secret: SecretFn) -> list[_
                             f"--storage.tsdb.retention.size={p.retention_size_gb}GB "
                             f"--web.listen-address={priv}:{PORTS['prometheus']}"))  # fmt: skip
     if "exporters" in comps:
-        # Lab hosts share /proc: per-host CPU and memory come from the host's cgroup, not a node exporter.
-        if not lab:
-            out.append(_Program("payctl-node-exporter", "exporters", "Prometheus node exporter",
-                                f"/usr/bin/prometheus-node-exporter --web.listen-address={priv}:"
-                                f"{PORTS['node_exporter']}"))  # fmt: skip
+        # Every node the plan lists as a `node` scrape target runs one. (Lab hosts share /proc, so there its CPU and
+        # memory figures are the whole machine's; per-host figures come from the host's cgroup.)
+        out.append(_Program("payctl-node-exporter", "exporters", "Prometheus node exporter",
+                            f"/usr/bin/prometheus-node-exporter --web.listen-address={priv}:"
+                            f"{PORTS['node_exporter']}"))  # fmt: skip
         if "mariadb" in comps:
             out.append(_Program("payctl-mysqld-exporter", "exporters", "Prometheus MariaDB exporter",
                                 f"/usr/bin/prometheus-mysqld-exporter --config.my-cnf={prefix}/mariadb/exporter.cnf "
