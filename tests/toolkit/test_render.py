@@ -652,3 +652,35 @@ def test_every_scrape_target_has_a_process_listening_there(inventory: str, phase
                     assert f"PAYAPP_HOST={host}" in env, target  # payapp's own ports on the node's address
                 else:
                     assert target in started or f"{host}:{port}" in started, (job["job_name"], target)
+
+
+@pytest.mark.parametrize(("inventory", "phase"), [("lab-2node", 5), ("ktcloud-2node", 5)])
+def test_firewalls_let_prometheus_and_the_apps_reach_what_they_use(inventory: str, phase: int) -> None:
+    plan = plan_for(inventory, phase)
+    files = render(plan)
+    by_addr = {n.private_address: n.name for n in plan.active_nodes}
+    prom_node = next(n for n in plan.active_nodes if n.prometheus is not None)
+    prom = yaml.safe_load(files[f"{prom_node.name}/prometheus/prometheus.yml"].text)
+    needs: set[tuple[str, str, str]] = set()  # (from node, to node, port)
+    for job in prom["scrape_configs"]:
+        for sc in job["static_configs"]:
+            for target in sc["targets"]:
+                host, port = target.rsplit(":", 1)
+                needs.add((prom_node.name, by_addr[host], port))
+    for node in plan.active_nodes:
+        if node.app is None:
+            continue
+        env = dict(ln.split("=", 1) for ln in files[f"{node.name}/app.env"].text.splitlines() if "=" in ln)
+        db = env["PAYAPP_DB_URL"].rsplit("@", 1)[1].split("/")[0]
+        redis_master = env["PAYAPP_REDIS_URL"].rsplit("@", 1)[1].split("/")[0]
+        for hostport in [db, redis_master, *env["PAYAPP_KAFKA_BOOTSTRAP"].split(",")]:
+            host, port = hostport.rsplit(":", 1)
+            needs.add((node.name, by_addr[host], port))
+    for src, dst, port in sorted(needs):
+        if src == dst:
+            continue  # a node reaching its own private address goes through lo, which is accepted
+        rules = files[f"{dst}/nftables.conf"].text
+        peers = rules.split("elements = {", 1)[1].split("}", 1)[0]
+        allowed = rules.split("ip saddr @peers tcp dport {", 1)[1].split("}", 1)[0]
+        assert plan.node(src).private_address in peers and port in [p.strip() for p in allowed.split(",")], (
+            src, dst, port)
