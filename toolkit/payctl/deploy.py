@@ -306,7 +306,7 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
     clear = {n: secrets[n].reveal() for n in secrets.names()} if secrets else None
     rendered = render(plan, clear)
     house: Wheelhouse | None = None
-    if any(n.app or n.relay or n.consumer for n in plan.active_nodes):
+    if inv.runtime == "native" and any(n.app or n.relay or n.consumer for n in plan.active_nodes):
         hooks.step(None, "wheelhouse (pip wheel ./app, cached by content hash)")
         python = next((f.python for f in facts.values() if f.python), None)
         house = build(req.home / "wheelhouse", python)
@@ -320,6 +320,13 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
     for node in plan.active_nodes:
         hooks.step(node.name, "compare with the node")
         files = {f.path: f for f in rendered.values() if f.node == node.name}
+        remote = None
+        if not conn.fake:
+            script = runtimes.state_script(runtimes.node_paths(node.prefix, files, runtimes.LAB_DIRS))
+            ok, out, err = shell_of(conn.host(node.name))(script)
+            if not ok:
+                raise DeployError(f"{node.name}: reading the state of its files failed: {err.strip() or out.strip()}")
+            remote = runtimes.parse_state(out)
         ctx = runtimes.BuildContext(
             conn,
             plan,
@@ -331,6 +338,7 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
             req.only,
             app_source() if inv.runtime == "compose" else None,
             req.home / "bundles",
+            remote,
         )
         work = build_node(ctx, marker)
         works.append(work)

@@ -157,6 +157,9 @@ class BuildContext:
     only: str | None = None
     app_source: Path | None = None
     bundle_cache: Path = Path("/tmp")
+    #: absolute path -> "<sha256> <mode>" of files on the node, "dir" for directories, absent when missing
+    #: (one command per node, see ``state_script``); None: unknown (fake connector) and every file is sent.
+    remote: Mapping[str, str] | None = None
 
 
 class _Ops:
@@ -178,6 +181,46 @@ class _Ops:
         self.add(label, server.shell, commands=[command])
 
 
+def state_script(paths: list[str]) -> str:
+    """One read-only command: checksum and mode of every file, and which directories exist (``parse_state``)."""
+    quoted = " ".join(shlex.quote(x) for x in paths)
+    return (
+        f'for f in {quoted}; do if [ -f "$f" ]; then '
+        'printf \'%s %s %s\\n\' "$(sha256sum < "$f" | cut -c1-64)" "$(stat -c %a "$f")" "$f"; '
+        'elif [ -d "$f" ]; then printf \'dir - %s\\n\' "$f"; fi; done; exit 0'
+    )
+
+
+def parse_state(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3:
+            out[parts[2]] = "dir" if parts[0] == "dir" else f"{parts[0]} {parts[1]}"
+    return out
+
+
+def node_paths(ctx_prefix: str, files: Mapping[str, RenderedFile], dirs: tuple[str, ...]) -> list[str]:
+    """Every path whose state the builders compare before adding operations."""
+    return (
+        [f"{ctx_prefix}/{d}" for d in dirs]
+        + [f"{ctx_prefix}/{p}" for p in sorted(files)]
+        + [f"/etc/systemd/system/{components.unit_of(p)}.service" for p in sorted(files) if components.unit_of(p)]
+    )
+
+
+def _same(ctx: BuildContext, dest: str, text: str, mode: int) -> bool:
+    return ctx.remote is not None and ctx.remote.get(dest) == f"{sha256_text(text)} {mode:o}"
+
+
+def _directories(ops: _Ops, ctx: BuildContext, p: str) -> None:
+    missing = [d for d in LAB_DIRS if ctx.remote is None or ctx.remote.get(f"{p}/{d}") != "dir"]
+    for d in missing:
+        ops.add(f"directory {d}/", files.directory, path=f"{p}/{d}", mode="700" if d.startswith("data") else "755")
+    if len(missing) < len(LAB_DIRS):
+        ops.work.operations.append(f"{len(LAB_DIRS) - len(missing)} directories present  (no change)")
+
+
 def _prefix(ctx: BuildContext) -> str:
     return ctx.node.prefix
 
@@ -194,8 +237,11 @@ def _put_rendered(ops: _Ops, ctx: BuildContext, dest_root: str) -> list[str]:
         if f.write_once and ctx.facts.sentinel_conf:
             ops.work.operations.append(f"keep {path} (write-once, owned by the running program)")
             continue
-        if ops.add(f"write {path}", files.put, src=io.StringIO(f.text), dest=f"{dest_root}/{path}",
-                   mode=f"{f.mode:o}"):  # fmt: skip
+        dest = f"{dest_root}/{path}"
+        if _same(ctx, dest, f.text, f.mode):
+            ops.work.operations.append(f"write {path}  (no change)")
+            continue
+        if ops.add(f"write {path}", files.put, src=io.StringIO(f.text), dest=dest, mode=f"{f.mode:o}"):
             changed.append(path)
     return changed
 
@@ -320,8 +366,7 @@ def build_lab(ctx: BuildContext, marker_text: str) -> NodeWork:
     q = shlex.quote
     conf = f"{p}/supervisor/supervisord.conf"
     ctl = f"supervisorctl -c {q(conf)}"
-    for d in LAB_DIRS:
-        ops.add(f"directory {d}/", files.directory, path=f"{p}/{d}", mode="700" if d.startswith("data") else "755")
+    _directories(ops, ctx, p)
     pkgs = list(LAB_PACKAGES) + ([JRE] if ctx.node.kafka is not None else [])
     if ctx.node.prometheus is not None:
         pkgs += list(MONITORING_PACKAGES)
@@ -430,8 +475,7 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
         if svc.split("-")[0] in {"prometheus"} and ctx.node.prometheus is None:
             continue
         ops.add(f"stop and disable Debian's {svc}", systemd.service, service=svc, running=False, enabled=False)
-    for d in LAB_DIRS:
-        ops.add(f"directory {d}/", files.directory, path=f"{p}/{d}", mode="700" if d.startswith("data") else "755")
+    _directories(ops, ctx, p)
     rendered = {k: v for k, v in ctx.files.items() if not k.startswith("systemd/")}
     units = {k: v for k, v in ctx.files.items() if k.startswith("systemd/")}
     changed = _put_rendered(ops, replace(ctx, files=rendered), p)
@@ -439,7 +483,10 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
     unit_changed = []
     for path, f in sorted(units.items()):
         name = components.unit_of(path)
-        if ops.add(f"unit {name}", files.put, src=io.StringIO(f.text), dest=f"/etc/systemd/system/{name}.service",
+        dest = f"/etc/systemd/system/{name}.service"
+        if _same(ctx, dest, f.text, 0o644):
+            continue
+        if ops.add(f"unit {name}", files.put, src=io.StringIO(f.text), dest=dest,
                    mode="644"):  # fmt: skip
             unit_changed.append(path)
     work.files += unit_changed

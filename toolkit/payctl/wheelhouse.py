@@ -50,7 +50,12 @@ class Wheelhouse:
 
 
 def app_source() -> Path:
-    """The payapp source tree in a checkout (``app/``); an installed payctl without it cannot build one."""
+    """The payapp source tree: ``$PAYCTL_APP_SOURCE`` if set, else ``app/`` of the checkout payctl runs from."""
+    override = os.environ.get("PAYCTL_APP_SOURCE")
+    if override:
+        if not (Path(override) / "pyproject.toml").is_file():
+            raise PayctlError(f"PAYCTL_APP_SOURCE={override} holds no pyproject.toml", hint="point it at a payapp tree")
+        return Path(override)
     if (_CHECKOUT_APP / "pyproject.toml").is_file():
         return _CHECKOUT_APP
     raise PayctlError(
@@ -121,6 +126,17 @@ def build(cache_root: Path, python: str | None = None, app_dir: Path | None = No
     tmp = cache_root / f".{key}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    # Build from a snapshot of exactly the hashed files: pip writes build/ and egg-info into the tree it builds,
+    # and an edit made while building must not end up in a wheelhouse cached under the old key.
+    snapshot = tmp / "src"
+    for path in source_files(app_dir):
+        dest = snapshot / path.relative_to(app_dir)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+    if cache_key(snapshot, python) != key:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DeployError(f"{app_dir} changed while payctl read it", hint="re-run once the edit is saved")
+    app_dir = snapshot
     try:
         if python == local_python():
             _pip(["wheel", str(app_dir), "-w", str(tmp)], "running pip wheel")
@@ -135,6 +151,7 @@ def build(cache_root: Path, python: str | None = None, app_dir: Path | None = No
             )  # fmt: skip
         if not any(tmp.glob("payapp-*.whl")):
             raise DeployError("pip produced no payapp wheel", hint="check app/pyproject.toml")
+        shutil.rmtree(snapshot)
         _write_manifest(tmp)
         try:
             tmp.rename(final)
