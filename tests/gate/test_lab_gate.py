@@ -1,0 +1,62 @@
+"""The gate on a real lab deployment: lab-1node up, phase 2 applied over SSH, then `payctl verify` through nginx at
+10.77.0.11 with the server-side checks run inside the node's namespace. Holds the machine's lab lock."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from payctl import lab
+from payctl.cli import run
+from payctl.inventory import load_inventory
+from tests.lab.conftest import exclusive_lab
+
+pytestmark = [pytest.mark.slow, pytest.mark.lab]
+
+
+@pytest.fixture(scope="module")
+def lab_phase2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root (CI runs them as root)")
+    home = tmp_path_factory.mktemp("payctl-home")
+    inv = load_inventory("lab-1node")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PAYCTL_HOME", str(home))
+    try:
+        with exclusive_lab():
+            try:
+                lab.lab_up(inv, home)
+                assert run(["phase2", "apply", "-i", "lab-1node", "--yes", "--no-verify"]) == 0
+                yield home
+            finally:
+                lab.lab_down(inv, home)
+    finally:
+        mp.undo()
+
+
+def test_gate_passes_on_the_lab_with_server_checks(
+    lab_phase2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No --phase: the audit log says phase 2 is deployed, so its gate (and its reconciliation check) applies.
+    rc = run(["verify", "-i", "lab-1node", "--rps", "20", "--duration", "5s", "--warmup", "1s", "--quiet",
+              "--report-dir", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert rc == 0, out.out + out.err
+    assert summary["target"] == "http://10.77.0.11" and summary["phase"] == 2
+    by = {c["name"]: c for c in summary["criteria"]}
+    assert by["event backlog drained"]["passed"] and not by["event backlog drained"]["skipped"]
+    assert by["reconciliation balanced"]["passed"] and by["reconciliation balanced"]["measured"].startswith("balanced")
+    assert summary["measured"]["functional_fails"] == 0 and summary["gate"]["scenario"] == "mixed"
+
+
+def test_an_address_outside_the_inventory_is_refused_even_in_the_lab_network(
+    lab_phase2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = run(["verify", "-i", "lab-1node", "--url", "http://10.77.0.12", "--rps", "5", "--duration", "1s"])
+    assert rc == 2
+    assert "refusing to send load to 10.77.0.12" in capsys.readouterr().err
