@@ -192,11 +192,11 @@ def bare_server(port: int) -> None:
 def table(title: str, steps: list[Step], by_label: bool = False) -> None:
     print(f"\n{title}")
     first = "change" if by_label else "target/s"
-    print(f"{first:<48} {'achieved/s':>10} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7} {'dropped':>8}"
+    print(f"{first:<58} {'achieved/s':>10} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7} {'dropped':>8}"
           f" {'app us/req':>10} {'db us/req':>9} {'load':>5}")
     for s in steps:
         name = s.label if by_label else str(s.rate)
-        print(f"{name:<48} {s.achieved:>10.0f} {s.p50:>8.1f} {s.p95:>8.1f} {s.p99:>8.1f} {s.errors:>7d}"
+        print(f"{name:<58} {s.achieved:>10.0f} {s.p50:>8.1f} {s.p95:>8.1f} {s.p99:>8.1f} {s.errors:>7d}"
               f" {s.dropped:>8d} {s.app_us:>10.0f} {s.db_us:>9.0f} {s.load:>5.1f}")
 
 
