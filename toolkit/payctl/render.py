@@ -607,7 +607,9 @@ def _compose_services(plan: Plan, node: NodePlan) -> tuple[list[dict[str, Any]],
         if comp in comps:
             health = ["CMD", "python", "-c", f"import urllib.request; urllib.request.urlopen('http://{priv}:{url}', "
                       "timeout=2)"]  # fmt: skip
-            services.append(_service(node, comp, comp, image, build="./payapp" if comp == "app" else "",
+            # Each of the three names the same build: compose would otherwise try to pull payapp:<deployment> for
+            # relay/consumer from a registry (the image exists only once built on the node).
+            services.append(_service(node, comp, comp, image, build="./payapp",
                                      command=["payapp", verb], env_file=["app.env"], depends_on=list(local_deps),
                                      healthcheck=health, stop_grace_period="30s"))
     if "prometheus" in comps and node.prometheus is not None:
