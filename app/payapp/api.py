@@ -127,7 +127,11 @@ async def metrics(request: web.Request) -> web.Response:
 async def _json_body(request: web.Request, *, allow_empty: bool) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise _too_large()
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].body_timeout):  # a stalled body must not hold the socket
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, "REQUEST_TIMEOUT", "the request body did not arrive in time") from None
     if allow_empty and not raw.strip():
         return {}
     return validation.json_object(raw, request.app[CODEC].loads)

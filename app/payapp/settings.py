@@ -65,6 +65,7 @@ class Settings:
     db_pool_size: int
     shutdown_timeout: float
     keepalive_timeout: float
+    body_timeout: float
     gc_freeze: bool
     gc_threshold: tuple[int, int, int] | None
     json_lib: Literal["orjson", "stdlib"]
@@ -278,6 +279,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("SHUTDOWN_TIMEOUT", "shutdown_timeout", _positive_float, "30",
          "seconds a worker waits for in-flight requests after SIGTERM"),
     Spec("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive_float, "75", "idle HTTP keep-alive seconds"),
+    Spec("BODY_TIMEOUT", "body_timeout", _positive_float, "10",
+         "seconds a client may take to send a request body; a slower one gets 408 and is disconnected"),
     Spec("GC_FREEZE", "gc_freeze", _bool, "on", "gc.freeze() after start-up (start-up objects leave the GC's scans)"),
     Spec("GC_THRESHOLD", "gc_threshold", _gc_threshold, "default", "gc.set_threshold(a,b,c), or 'default'"),
     Spec("JSON", "json_lib", _choice("orjson", "stdlib"), "orjson", "JSON library for requests and responses"),
