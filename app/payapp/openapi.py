@@ -35,6 +35,7 @@ ERROR_CODES: dict[int, tuple[str, ...]] = {
     401: ("UNAUTHORIZED",),
     404: ("NOT_FOUND",),
     405: ("METHOD_NOT_ALLOWED",),
+    408: ("REQUEST_TIMEOUT",),
     409: ("INVALID_STATE", "REQUEST_IN_PROGRESS"),
     413: ("PAYLOAD_TOO_LARGE",),
     422: ("IDEMPOTENCY_CONFLICT",),
@@ -45,6 +46,7 @@ _ERROR_TEXT = {
     400: "Malformed JSON, wrong types, missing or out-of-range fields, unknown currency, bad path id.",
     401: "Missing or invalid API key, or a merchantId that is not the key's merchant.",
     404: "No such payment for this merchant (another merchant's payment is also 404, so ids do not leak).",
+    408: "The request body did not arrive within PAYAPP_BODY_TIMEOUT seconds; the connection is then closed.",
     409: "INVALID_STATE: the payment's status or amounts forbid it (e.g. capture beyond the authorized amount). "
          "REQUEST_IN_PROGRESS: a request with the same idempotency key is still running.",
     413: f"The request body exceeds {MAX_BODY_BYTES // 1024} KB.",
@@ -240,9 +242,10 @@ _LINKS: dict[str, Schema] = {
 }
 
 
-def _errors(statuses: tuple[int, ...], apikey: bool, replayable: bool = False) -> dict[str, Schema]:
+def _errors(statuses: tuple[int, ...], apikey: bool, replayable: bool = False, write: bool = True) -> dict[str, Schema]:
+    """Error responses of an operation; ``write`` ones read a body (408, 413) and are rate limited (429)."""
     out: dict[str, Schema] = {}
-    for status in (400, *((401,) if apikey else ()), *statuses, 413, 429, 503):
+    for status in sorted({400, *((401,) if apikey else ()), *statuses, *((408, 413, 429) if write else ()), 503}):
         headers: Schema | None = None
         if status in (429, 503):
             headers = _RETRY_AFTER
@@ -355,7 +358,7 @@ def _get_payment(apikey: bool) -> Schema:
         "operationId": "getPayment",
         "summary": "A payment with its status, captured and refunded amounts and all ledger entries",
         "parameters": [_PAYMENT_ID, merchant],
-        "responses": {"200": _payment_response("The payment."), **_errors((404,), apikey)},
+        "responses": {"200": _payment_response("The payment."), **_errors((404,), apikey, write=False)},
     }, apikey)
 
 

@@ -102,7 +102,7 @@ def test_every_error_response_uses_the_error_shape_with_its_codes() -> None:
                 seen.add(int(status))
                 if status in ("429", "503"):
                     assert response["headers"]["Retry-After"]["required"] is True
-    assert seen == {400, 401, 404, 409, 413, 422, 429, 503}
+    assert seen == {400, 401, 404, 408, 409, 413, 422, 429, 503}
 
 
 def test_headers_are_documented() -> None:
