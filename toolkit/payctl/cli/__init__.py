@@ -25,8 +25,17 @@ app = typer.Typer(
     add_completion=True,
 )
 
-# Command-group modules, each with register(app: typer.Typer) -> None.
-_GROUPS: list[str] = ["lab", "plan", "render", "verify", "apply", "status"]
+# Command-group modules, each with register(app: typer.Typer) -> None, listed with the top-level commands it adds.
+# Only the group that a command line names is imported, so `payctl plan` does not pay for importing pyinfra;
+# `payctl --help` (or an unknown command) imports them all. tests/toolkit/test_cli_root.py keeps the names true.
+_GROUPS: dict[str, tuple[str, ...]] = {
+    "lab": ("lab",),
+    "plan": ("plan",),
+    "render": ("render",),
+    "verify": ("verify", "calibrate"),
+    "apply": ("phase1", "phase2", "phase3", "phase4", "phase5", "lock"),
+    "status": ("status", "logs", "down"),
+}
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -63,19 +72,26 @@ def _crash_log(exc: BaseException) -> Path:
     return log
 
 
-_registered: list[str] = []
+_registered: set[str] = set()
 
 
-def _register_groups() -> None:
-    for name in _GROUPS:
-        _registered.append(name)
-        importlib.import_module(f"payctl.cli.{name}").register(app)
+def _groups_for(argv: list[str]) -> list[str]:
+    """The command groups a command line needs: the one owning its command, or all of them."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    owners = [group for group, names in _GROUPS.items() if command in names]
+    return owners or list(_GROUPS)
+
+
+def _register_groups(groups: list[str]) -> None:
+    for name in groups:
+        if name not in _registered:
+            _registered.add(name)
+            importlib.import_module(f"payctl.cli.{name}").register(app)
 
 
 def run(argv: list[str]) -> int:
     """Run payctl with argv and return its exit code; every error is printed here, once. Tests call this."""
-    if not _registered:
-        _register_groups()
+    _register_groups(_groups_for(argv))
     try:
         rc = app(args=argv, prog_name="payctl", standalone_mode=False)
     except PayctlError as exc:
