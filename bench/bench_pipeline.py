@@ -90,6 +90,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1, help="payapp serve worker processes")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     ap.add_argument("--api-only", action="store_true", help="no relay and consumer: the API's own ceiling")
+    ap.add_argument("--profile", action="store_true",
+                    help="run relay and consumer under cProfile; print their top functions by own time")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
 
@@ -108,8 +110,12 @@ def main() -> int:
 
     def start(name: str, *argv: str) -> None:
         log = open(base / f"{name}.log", "wb")  # noqa: SIM115
-        procs[name] = subprocess.Popen([str(VENV / "payapp"), *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+        cmd = [str(VENV / "payapp"), *argv]
+        if args.profile and name in ("relay", "consume"):
+            # SIGTERM makes them return normally, so cProfile gets to write its file.
+            cmd = [str(VENV / "python"), "-c", "import cProfile, sys; from payapp.cli import main; "
+                   f"cProfile.run({f'main({list(argv)!r})'!r}, {str(base / (name + '.prof'))!r})"]
+        procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def sql(q: str) -> list[list[str]]:
         return [line.split("\t") for line in mariadb.sql(q, db="bench").splitlines()]
@@ -217,6 +223,14 @@ def main() -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if args.profile:
+            import pstats
+
+            for name in ("relay", "consume"):
+                prof = base / f"{name}.prof"
+                if prof.exists():
+                    print(f"--- {name}: top functions by own time (cProfile)")
+                    pstats.Stats(str(prof)).sort_stats("tottime").print_stats(12)
         kafka.stop()
         redis.stop()
         mariadb.stop()
