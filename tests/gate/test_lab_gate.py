@@ -52,6 +52,9 @@ def test_gate_passes_on_the_lab_with_server_checks(
     assert by["event backlog drained"]["passed"] and not by["event backlog drained"]["skipped"]
     assert by["reconciliation balanced"]["passed"] and by["reconciliation balanced"]["measured"].startswith("balanced")
     assert summary["measured"]["functional_fails"] == 0 and summary["gate"]["scenario"] == "mixed"
+    # The lab node's cgroup gave CPU and memory series: the report's server sections are filled.
+    html = (tmp_path / "report.html").read_text()
+    assert "CPU per node" in html and "Memory per node" in html and 'data-label="node1"' in html
 
 
 def test_an_address_outside_the_inventory_is_refused_even_in_the_lab_network(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from payctl.gate import GateSpec, Target, check_target, judge, lb_url, spec_from_phase
 from payctl.inventory import Inventory
@@ -22,6 +23,14 @@ from payctl.serverchecks import ServerCheck, run_server_checks
 from payctl.timeseries import Live
 
 
+class Sampler(Protocol):
+    """Server-side series sampled during the load (seconds since the start of the run)."""
+
+    def sample(self, t: float) -> None: ...
+
+    def series(self) -> ServerSeries: ...
+
+
 def gate_run(
     deployment: str,
     phase: Phase | None,
@@ -30,10 +39,20 @@ def gate_run(
     *,
     checks: Sequence[ServerCheck] = (),
     on_progress: Callable[[Live], None] | None = None,
-    server: ServerSeries | None = None,
+    sampler: Sampler | None = None,
 ) -> VerifyRun:
-    """Load ``target`` as ``spec`` says, then run the server-side ``checks`` that apply to ``phase``."""
-    result = run_load(spec, target, on_progress=on_progress)
+    """Load ``target`` as ``spec`` says, then run the server-side ``checks`` that apply to ``phase``.
+
+    ``sampler`` (e.g. ``labmetrics.LabSampler``) is called about once a second during the load and its series go
+    into the report's server sections."""
+
+    def progress(live: Live) -> None:
+        if sampler is not None:
+            sampler.sample(live.elapsed_s)
+        if on_progress is not None:
+            on_progress(live)
+
+    result = run_load(spec, target, on_progress=progress)
     criteria = judge(result.summary, spec) + run_server_checks(checks, phase)
     return VerifyRun(
         deployment=deployment,
@@ -43,7 +62,7 @@ def gate_run(
         result=result,
         criteria=criteria,
         warnings=target.warnings,
-        server=server or ServerSeries(),
+        server=sampler.series() if sampler is not None else ServerSeries(),
     )
 
 
@@ -53,9 +72,11 @@ def verify_phase(
     *,
     checks: Sequence[ServerCheck] = (),
     on_progress: Callable[[Live], None] | None = None,
+    sampler: Sampler | None = None,
     report_base: Path = Path("reports"),
 ) -> tuple[VerifyRun, Path]:
     """The phase's gate against the inventory's load balancer; returns the run and its report directory."""
     target = check_target(lb_url(inv), inv)
-    run = gate_run(inv.deployment, phase, spec_from_phase(phase), target, checks=checks, on_progress=on_progress)
+    spec = spec_from_phase(phase)
+    run = gate_run(inv.deployment, phase, spec, target, checks=checks, on_progress=on_progress, sampler=sampler)
     return run, write_report(run, base=report_base)

@@ -38,7 +38,9 @@ from payctl.gate import (
 from payctl.hosts import is_lab
 from payctl.inventory import Inventory, load_inventory
 from payctl.kneereport import write_knee_report
+from payctl.lab import detect_cgroups
 from payctl.lab import layout as lab_layout
+from payctl.labmetrics import LabSampler
 from payctl.phase import Phase, load_phase
 from payctl.report import VerifyRun, write_report
 from payctl.serverchecks import ServerCheck, local_runner, netns_runner, payapp_checks
@@ -133,12 +135,23 @@ class _Context:
             err.print(f"[yellow]warning:[/] {w}")
 
 
+def _lab_sampler(inv: Inventory | None) -> LabSampler | None:
+    """Per-node CPU and memory from the lab's cgroups, when the target is a lab deployment on this machine."""
+    if inv is None or not is_lab(inv):
+        return None
+    try:
+        return LabSampler(lab_layout(inv), detect_cgroups())
+    except PayctlError:
+        return None
+
+
 def _run_gate(ctx: _Context, spec: GateSpec, checks: list[ServerCheck], quiet: bool) -> VerifyRun:
+    sampler = _lab_sampler(ctx.inv) if not ctx.target.loopback else None
     if quiet:
-        return gate_run(ctx.deployment, ctx.phase, spec, ctx.target, checks=checks)
+        return gate_run(ctx.deployment, ctx.phase, spec, ctx.target, checks=checks, sampler=sampler)
     with RichLive(_live_table(Live(0, "starting", 0, None, 0, 0, 0), spec), console=err, transient=True) as live:
         return gate_run(
-            ctx.deployment, ctx.phase, spec, ctx.target, checks=checks,
+            ctx.deployment, ctx.phase, spec, ctx.target, checks=checks, sampler=sampler,
             on_progress=lambda s: live.update(_live_table(s, spec)),
         )  # fmt: skip
 
