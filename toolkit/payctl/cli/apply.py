@@ -8,6 +8,7 @@ work is done by ``payctl.deploy``.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.syntax import Syntax
 
-from payctl import deploy, hosts, lock
+from payctl import audit, deploy, hosts, lock
 from payctl.errors import ConfigError
 from payctl.inventory import load_inventory, resolve_inventory_path
 from payctl.paths import payctl_home
@@ -150,7 +151,26 @@ def _apply(phase: int, inventory: str, dry_run: bool, yes: bool, no_verify: bool
         + (f"; audit: {result.audit_path}" if result.audit_path else "")
     )
     if not no_verify:
-        console.print(f"gate: run `payctl verify -i {inventory} --phase {phase}` (or pass --no-verify to skip)")
+        _gate(inventory, inv.deployment, path, phase, console)
+
+
+def _gate(inventory: str, deployment: str, path: Path, phase: int, console: Console) -> None:
+    """The phase's k6 gate (`payctl verify`), after a successful apply; a failed gate exits with its code and is
+    recorded in the audit log (the deployment stays as applied)."""
+    from payctl.cli import run
+
+    console.print(f"gate: payctl verify -i {inventory} --phase {phase}  (skip with --no-verify)")
+    started = time.monotonic()
+    rc = run(["verify", "-i", inventory, "--phase", str(phase)])
+    if rc == 0:
+        return
+    record = audit.AuditRecord(
+        deployment=deployment, command=f"payctl verify -i {inventory} --phase {phase} (gate of apply)", phase=phase,
+        inventory=str(path), inventory_sha256=audit.inventory_hash(path) if path.is_file() else "", nodes=(),
+        result="gate-failed", error=f"payctl verify exited {rc}", duration_s=round(time.monotonic() - started, 2),
+    )  # fmt: skip
+    audit.append_local(_home(), record, lambda s: s)
+    raise typer.Exit(rc)
 
 
 def _phase_app(phase: int) -> typer.Typer:

@@ -1,0 +1,297 @@
+"""The deploy engine against a real lab host (lab-1node: netns + sshd + cgroup, real MariaDB, Redis, Kafka, nginx).
+
+One module-scoped lab; the tests run in file order: phase 1 apply → a payment through nginx → re-apply is a no-op →
+kill -9 of the app's master → concurrent apply fails on the lock → bad key / unreachable → missing secrets refused →
+phase 3 on top → status/logs → down, then lab down leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from payctl import lab
+from payctl.cli import run
+from payctl.inventory import Inventory, load_inventory
+from tests.support.services import wait_until
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+LOCK = Path("/run/payctl-lab-tests.lock")  # shared with tests/lab: the lab's addresses are fixed
+PREFIX = Path("/var/lib/payctl-lab/node1")
+CONF = PREFIX / "supervisor" / "supervisord.conf"
+APPLY = ["phase1", "apply", "-i", "lab-1node", "--yes", "--no-verify"]
+
+
+@dataclass(frozen=True)
+class Deployed:
+    home: Path
+    inventory: Inventory
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root (CI runs them as root)")
+    home = tmp_path_factory.mktemp("payctl-home")
+    inv = load_inventory("lab-1node")
+    old_home = os.environ.get("PAYCTL_HOME")
+    os.environ["PAYCTL_HOME"] = str(home)
+    # A snapshot of app/: the no-change re-apply must not see edits made to the checkout while the module runs.
+    source = home / "app-source"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "app", source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))  # fmt: skip
+    os.environ["PAYCTL_APP_SOURCE"] = str(source)
+    with LOCK.open("a") as fh:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another lab test run held {LOCK} for 10 minutes")
+                time.sleep(1)
+        try:
+            lab.lab_up(inv, home)
+            yield Deployed(home, inv)
+        finally:
+            try:
+                lab.lab_down(inv, home)
+            finally:
+                os.environ.pop("PAYCTL_APP_SOURCE", None)
+                if old_home is None:
+                    os.environ.pop("PAYCTL_HOME", None)
+                else:
+                    os.environ["PAYCTL_HOME"] = old_home
+
+
+def programs() -> dict[str, tuple[str, int | None]]:
+    out = subprocess.run(["supervisorctl", "-c", str(CONF), "status"], capture_output=True, text=True).stdout
+    states: dict[str, tuple[str, int | None]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].startswith("payctl-"):
+            pid = int(parts[3].rstrip(",")) if len(parts) > 3 and parts[2] == "pid" else None
+            states[parts[0]] = (parts[1], pid)
+    return states
+
+
+def http(method: str, url: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def healthy() -> bool:
+    try:
+        return http("GET", "http://10.77.0.11/health")[1].get("status") == "ok"
+    except OSError:
+        return False
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def last_audit(home: Path) -> dict[str, object]:
+    lines = (home / "lab" / "audit.jsonl").read_text().splitlines()
+    return dict(json.loads(lines[-1]))
+
+
+def test_phase1_apply_serves_a_payment_through_nginx(deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = run(APPLY)
+    out = capsys.readouterr()
+    assert rc == 0, out.err + out.out
+    assert "run      initialise the MariaDB datadir (mariadb-install-db, once)" in out.out
+    assert "applied phase 1 to lab" in out.out
+    states = programs()
+    assert {"payctl-mariadb", "payctl-redis", "payctl-kafka", "payctl-nginx", "payctl-app"} <= set(states)
+    assert all(s == "RUNNING" for s, _ in states.values()), states
+    # Started over SSH: inside the node's cgroup, with data under the node's prefix (never /var/lib/mysql).
+    app_pid = states["payctl-app"][1]
+    assert app_pid is not None
+    assert ":memory:/payctl-lab/lab-node1\n" in Path(f"/proc/{app_pid}/cgroup").read_text()
+    assert (PREFIX / "data" / "mariadb" / "mysql").is_dir()
+    assert oct((deployed.home / "lab" / "secrets.yml").stat().st_mode & 0o777) == "0o600"
+    assert oct((PREFIX / "app.env").stat().st_mode & 0o777) == "0o600"
+    key = uuid.uuid4().hex
+    code, body = http(
+        "POST",
+        "http://10.77.0.11/payments/authorize",
+        {"merchantId": "m-deploy-test", "amount": 1500, "currency": "KRW", "idempotencyKey": key},
+    )
+    assert code in (200, 201), body
+    assert body.get("merchantId") == "m-deploy-test" and body.get("amount") == 1500, body
+    assert body.get("paymentId")
+    record = last_audit(deployed.home)
+    assert record["result"] == "ok" and record["phase"] == 1 and "node1/app.env" in record["changed_files"]  # type: ignore[operator]
+    node_record = json.loads((PREFIX / "payctl" / "audit.jsonl").read_text().splitlines()[-1])
+    assert node_record == record
+    secrets_text = (deployed.home / "lab" / "secrets.yml").read_text()
+    for value in [ln.split(": ", 1)[1] for ln in secrets_text.splitlines() if ln.startswith("  ")]:
+        assert value not in json.dumps(record)
+
+
+def test_reapply_with_nothing_changed_changes_no_file_and_restarts_nothing(
+    deployed: Deployed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = programs()
+    rc = run(APPLY)
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "phase 1 on deployment lab: nothing to change" in out.out
+    record = last_audit(deployed.home)
+    assert record["result"] == "ok"
+    assert record["changed_files"] == [] and record["restarted"] == []
+    assert programs() == before  # same pids: nothing restarted
+
+
+def test_kill9_of_the_app_master_is_restarted_and_leaves_no_orphan_worker(deployed: Deployed) -> None:
+    state, master = programs()["payctl-app"]
+    assert state == "RUNNING" and master is not None
+    workers = children(master)
+    assert workers, "payapp serve should have worker processes"
+    os.kill(master, signal.SIGKILL)
+    wait_until(lambda: not any(alive(w) for w in workers), timeout=15, what="the old workers to exit")
+    wait_until(lambda: programs()["payctl-app"][0] == "RUNNING" and programs()["payctl-app"][1] != master,
+               timeout=30, what="supervisor to restart payctl-app")  # fmt: skip
+    wait_until(healthy, timeout=30, what="/health through nginx")
+
+
+def test_a_second_concurrent_apply_fails_on_the_lock(deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:
+    lock_file = PREFIX / "payctl" / "lock.json"
+    env = {**os.environ, "PAYCTL_HOME": str(deployed.home)}
+    first = subprocess.Popen([str(Path(sys.executable).parent / "payctl"), *APPLY], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        wait_until(lock_file.exists, timeout=60, what="the first apply to take the lock")
+        rc = run(APPLY)
+        err = capsys.readouterr().err
+        assert rc == 1
+        assert "error: deployment 'lab' is locked on node1:" in err and "payctl phase1 apply -i lab-1node" in err
+        assert "payctl lock release -i INV" in err
+    finally:
+        out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    assert not lock_file.exists()
+
+
+def _variant(deployed: Deployed, tmp_path: Path, **ssh: object) -> Path:
+    data = yaml_load(Path(__file__).resolve().parents[2] / "inventories" / "lab-1node.yml")
+    data["nodes"][0]["ssh"].update(ssh)
+    path = tmp_path / "variant.yml"
+    path.write_text(json.dumps(data))  # JSON is YAML
+    return path
+
+
+def yaml_load(path: Path) -> dict:  # type: ignore[type-arg]
+    import yaml
+
+    return dict(yaml.safe_load(path.read_text()))
+
+
+def test_bad_key_and_unreachable_host_are_named(
+    deployed: Deployed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    rc = run(["phase1", "apply", "-i", str(_variant(deployed, tmp_path, key=str(other))), "--yes", "--no-verify"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "error: cannot connect to node1 (root@10.77.0.11:22)" in err and "hint: the host rejected the key" in err
+    rc = run(["phase1", "apply", "-i", str(_variant(deployed, tmp_path, port=2222)), "--yes", "--no-verify"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "error: cannot connect to node1 (root@10.77.0.11:2222)" in err
+
+
+def test_missing_local_secrets_for_a_live_deployment_is_refused(
+    deployed: Deployed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secrets = deployed.home / "lab" / "secrets.yml"
+    aside = secrets.with_name("secrets.yml.aside")
+    shutil.move(secrets, aside)
+    try:
+        rc = run(APPLY)
+        err = capsys.readouterr().err
+        assert rc == 1
+        assert "error: deployment 'lab' already runs on its hosts but the secrets file is missing" in err
+        assert "restore" in err and not secrets.exists()
+    finally:
+        shutil.move(aside, secrets)
+
+
+def test_phase3_on_top_adds_the_consumer(deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = run(["phase3", "apply", "-i", "lab-1node", "--yes", "--no-verify"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err + out.out
+    states = programs()
+    assert states.get("payctl-consumer", ("absent", None))[0] == "RUNNING", states
+    assert healthy()
+    assert last_audit(deployed.home)["phase"] == 3
+
+
+def test_status_and_logs(deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["status", "-i", "lab-1node", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    node = doc["nodes"][0]
+    assert node["reachable"] and node["health"] == "ok" and node["roles"]["mariadb"] == "primary"
+    assert {p["name"]: p["state"] for p in node["programs"]}["payctl-app"] == "RUNNING"
+    assert node["versions"]["payapp"]
+    assert run(["logs", "-i", "lab-1node", "--component", "app", "-n", "5"]) == 0
+    assert "node1| " in capsys.readouterr().out
+
+
+def test_down_then_lab_down_leave_nothing_behind(deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["down", "-i", "lab-1node", "--yes"]) == 0
+    assert "node1: stopped (data kept)" in capsys.readouterr().out
+    assert not programs()  # supervisord is gone
+    assert (PREFIX / "data" / "mariadb" / "mysql").is_dir()  # data kept
+    lab.lab_down(deployed.inventory, deployed.home)
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert "pl-lab-node1" not in netns and "vpl-lab-node1" not in links
+    assert not Path("/sys/fs/cgroup/memory/payctl-lab/lab-node1").exists()
+    assert not PREFIX.exists()
+    leftovers = [p for p in Path("/proc").glob("[0-9]*/cmdline") if str(PREFIX).encode() in _read(p)]
+    assert leftovers == []
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return b""
