@@ -1,9 +1,11 @@
 """Stripe-style idempotency: the same (merchant, scope, key) with the same parameters gets the first response again.
 
-A request *claims* its key by inserting an ``IN_PROGRESS`` row as the first statement of its own transaction and
-turns it into ``COMPLETED`` with the exact response (status and body bytes) in the same commit as the state change.
-So the response and the money movement are stored atomically, and exactly one of any number of identical
-concurrent requests does the work:
+A request *claims* its key by inserting its row as the first statement of its own transaction and completes it
+with the exact response (status and body bytes) in the same commit as the state change: an ``IN_PROGRESS`` row
+updated to ``COMPLETED`` (capture, refund, void), or, when the response is known before anything is sent
+(authorize), a row inserted ``COMPLETED`` straight away. Until the commit nobody else sees the row; its locked
+unique-index entry is the in-progress marker. So the response and the money movement are stored atomically, and
+exactly one of any number of identical concurrent requests does the work:
 
 - while the claiming transaction runs, the unique index row is locked; a second claim does not wait
   (``innodb_lock_wait_timeout = 0`` for that one statement) and gets ``REQUEST_IN_PROGRESS`` (409);
@@ -50,13 +52,22 @@ def claim_for(merchant_id: str, scope: str, key: str, params: dict[str, Any]) ->
     return Claim(merchant_id, scope, key, digest)
 
 
-def stage_claim(batch: Batch, claim: Claim, lease_seconds: int, now: datetime) -> int:
-    """Add the claim's INSERT to ``batch`` (which must have begun a transaction); returns its statement index."""
+def stage_claim(
+    batch: Batch, claim: Claim, lease_seconds: int, now: datetime, response: Stored | None = None,
+    payment_id: int | None = None,
+) -> int:
+    """Add the claim's INSERT to ``batch`` (which must have begun a transaction); returns its statement index.
+
+    With ``response`` the row is inserted complete (for ``payment_id``) and needs no ``stage_complete``.
+    """
     return batch.add(
         "SET STATEMENT innodb_lock_wait_timeout = 0 FOR "
-        "INSERT INTO idempotency_key (merchant_id, scope, idempotency_key, request_hash, status, locked_until,"
-        " created_at) VALUES (%s, %s, %s, %s, 'IN_PROGRESS', %s, %s)",
-        claim.merchant_id, claim.scope, claim.key, claim.request_hash, now + timedelta(seconds=lease_seconds), now,
+        "INSERT INTO idempotency_key (merchant_id, scope, idempotency_key, request_hash, status, payment_id,"
+        " response_status, response_body, locked_until, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        claim.merchant_id, claim.scope, claim.key, claim.request_hash,
+        "COMPLETED" if response else "IN_PROGRESS", payment_id,
+        response.status if response else None, response.body.decode() if response else None,
+        now + timedelta(seconds=lease_seconds), now,
     )
 
 

@@ -2,9 +2,11 @@
 
 Each state change is one MariaDB transaction holding everything it implies: the payment row, a
 ``payment_operation``, its balanced ledger pairs, an outbox event with the payment's next sequence number and,
-when the request carries an idempotency key, the stored response. Capture, refund and void lock the payment row
-(``SELECT ... FOR UPDATE``) before checking their bounds, so concurrent requests are serialised per payment and
-``captured <= authorized`` and ``refunded <= captured`` hold under any concurrency (CHECK constraints back them).
+when the request carries an idempotency key, the stored response. Ids come from ``payapp.ids``, so authorize
+sends its transaction in one round trip; capture, refund and void need two: they lock the payment row
+(``SELECT ... FOR UPDATE``) and check their bounds, then write, so concurrent requests are serialised per payment
+and ``captured <= authorized`` and ``refunded <= captured`` hold under any concurrency (CHECK constraints back
+them).
 
 Statuses: REQUESTED (authorized) -> COMPLETED (captured, possibly partially, possibly several times)
 -> PARTIALLY_REFUNDED / REFUNDED (refunded in full of what was captured); REQUESTED -> CANCELLED (void).
@@ -19,7 +21,7 @@ from typing import Any
 
 import asyncmy
 
-from payapp import idempotency, ledger, outbox
+from payapp import idempotency, ids, ledger, outbox
 from payapp.db import Batch, BatchError, iso, rollback_quietly, utcnow
 from payapp.errors import ApiError, invalid_state, not_found
 from payapp.idempotency import Claim
@@ -159,44 +161,40 @@ class Payments:
         self._pool = pool
         self._dumps = dumps
         self._lease = lease_seconds
+        self._payment_ids = ids.payment_ids(pool)
+        self._operation_ids = ids.operation_ids(pool)
 
     async def authorize(self, req: AuthorizeRequest) -> Outcome:
+        """One round trip: claim (stored complete with its response), payment, operation, pair, event, commit."""
         now = utcnow()
         claim = idempotency.claim_for(req.merchant_id, "authorize", req.idempotency_key,
                                       {"amount": req.amount, "currency": req.currency})
+        payment = Payment(await self._payment_ids.next(), req.merchant_id, req.amount, req.currency, REQUESTED,
+                          0, 0, 1, now, now)
+        operation_id = await self._operation_ids.next()
+        work = Batch()
+        work.add(
+            "INSERT INTO payment (payment_id, merchant_id, amount, currency, status, event_seq, created_at,"
+            " updated_at) VALUES (%s, %s, %s, %s, 'REQUESTED', 1, %s, %s)",
+            payment.payment_id, req.merchant_id, req.amount, req.currency, now, now,
+        )
+        entries = self._stage_operation(work, payment, "AUTHORIZE", operation_id, req.amount, None, now)
+        body = self._dumps(view(payment, entries, _MESSAGES["AUTHORIZE"]))
+        batch = Batch()
+        batch.add("BEGIN")
+        i_claim = idempotency.stage_claim(batch, claim, self._lease, now, idempotency.Stored(200, body),
+                                          payment.payment_id)
+        batch.extend(work)
+        batch.add("COMMIT")
         async with self._pool.acquire() as conn:
-            first = Batch()
-            first.add("BEGIN")
-            i_claim = idempotency.stage_claim(first, claim, self._lease, now)
-            i_payment = first.add(
-                "INSERT INTO payment (merchant_id, amount, currency, status, event_seq, created_at, updated_at)"
-                " VALUES (%s, %s, %s, 'REQUESTED', 1, %s, %s)",
-                req.merchant_id, req.amount, req.currency, now, now,
-            )
-            i_operation = first.add(
-                "INSERT INTO payment_operation (payment_id, kind, amount, created_at)"
-                " VALUES (LAST_INSERT_ID(), 'AUTHORIZE', %s, %s)",
-                req.amount, now,
-            )
             try:
-                ids = await first.run(conn)
+                await batch.run(conn)
             except BatchError as exc:
                 return await self._claim_failed(conn, exc, i_claim, claim)
-            claim_id, operation_id = ids[i_claim].lastrowid, ids[i_operation].lastrowid
-            payment = Payment(ids[i_payment].lastrowid, req.merchant_id, req.amount, req.currency, REQUESTED,
-                              0, 0, 1, now, now)
-            second = Batch()
-            entries = ledger.stage(second, payment.payment_id, operation_id, ledger.postings("AUTHORIZE", req.amount),
-                                   req.currency, now)
-            self._stage_event(second, payment, "AUTHORIZE", operation_id, req.amount, now)
-            body = self._dumps(view(payment, entries, _MESSAGES["AUTHORIZE"]))
-            idempotency.stage_complete(second, claim_id, 200, body, payment.payment_id)
-            second.add("COMMIT")
-            await second.run(conn)
         return Outcome(200, body)
 
     async def change(self, req: ChangeRequest) -> Outcome:
-        """Capture, refund or void under the payment's row lock."""
+        """Capture, refund or void under the payment's row lock, in two round trips."""
         now = utcnow()
         claim = None
         if req.idempotency_key is not None:
@@ -214,6 +212,7 @@ class Payments:
                 results = await first.run(conn)
             except BatchError as exc:
                 if claim is None:
+                    await rollback_quietly(conn)
                     raise
                 return await self._claim_failed(conn, exc, i_claim, claim)
             claim_id = results[i_claim].lastrowid if claim else None
@@ -236,22 +235,13 @@ class Payments:
                 payment.status, payment.captured_amount, payment.refunded_amount, payment.event_seq, now,
                 payment.payment_id,
             )
-            i_operation = second.add(
-                "INSERT INTO payment_operation (payment_id, kind, amount, reason, created_at)"
-                " VALUES (%s, %s, %s, %s, %s)",
-                payment.payment_id, req.kind, change.amount, req.reason, now,
-            )
-            operation_id = (await second.run(conn))[i_operation].lastrowid
-
-            third = Batch()
-            entries = ledger.stage(third, payment.payment_id, operation_id, ledger.postings(req.kind, change.amount),
-                                   payment.currency, now)
-            self._stage_event(third, payment, req.kind, operation_id, change.amount, now)
+            operation_id = await self._operation_ids.next()
+            entries = self._stage_operation(second, payment, req.kind, operation_id, change.amount, req.reason, now)
             body = self._dumps(view(payment, entries, _MESSAGES[req.kind]))
             if claim_id is not None:
-                idempotency.stage_complete(third, claim_id, 200, body, payment.payment_id)
-            third.add("COMMIT")
-            await third.run(conn)
+                idempotency.stage_complete(second, claim_id, 200, body, payment.payment_id)
+            second.add("COMMIT")
+            await second.run(conn)
         return Outcome(200, body)
 
     async def get(self, merchant_id: str, payment_id: int) -> Outcome:
@@ -274,11 +264,21 @@ class Payments:
         return Outcome(200, self._dumps(view(payment, entries, "Payment found")))
 
     @staticmethod
-    def _stage_event(batch: Batch, p: Payment, kind: str, operation_id: int, amount: int, now: datetime) -> None:
+    def _stage_operation(
+        batch: Batch, p: Payment, kind: str, operation_id: int, amount: int, reason: str | None, now: datetime
+    ) -> list[ledger.LedgerEntry]:
+        """The operation row, its ledger pairs and its outbox event (``p`` as it is after the operation)."""
+        batch.add(
+            "INSERT INTO payment_operation (operation_id, payment_id, kind, amount, reason, created_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            operation_id, p.payment_id, kind, amount, reason, now,
+        )
+        entries = ledger.stage(batch, p.payment_id, operation_id, ledger.postings(kind, amount), p.currency, now)
         topic, event_type = outbox.EVENTS[kind]
         outbox.stage(batch, payment_id=p.payment_id, merchant_id=p.merchant_id, topic=topic, event_type=event_type,
                      operation_id=operation_id, amount=amount, currency=p.currency, sequence=p.event_seq,
-                     occurred_at=p.updated_at)
+                     occurred_at=now)
+        return entries
 
     @staticmethod
     async def _claim_failed(conn: asyncmy.Connection, exc: BatchError, index: int, claim: Claim) -> Outcome:

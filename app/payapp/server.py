@@ -120,6 +120,9 @@ class Master:
             if code is None:
                 continue
             del self.workers[index]
+            # A dead worker's "live" gauges must leave the totals (prometheus_client's mark_process_dead).
+            for stale in self.metrics_dir.glob(f"gauge_live*_{worker.proc.pid}.db"):
+                stale.unlink(missing_ok=True)
             if self._stopping_since is not None:
                 continue
             if code == EXIT_NO_RESTART:
