@@ -20,7 +20,12 @@ import asyncmy
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import CoordinatorNotAvailableError, GroupCoordinatorNotAvailableError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    CoordinatorNotAvailableError,
+    GroupCoordinatorNotAvailableError,
+    KafkaError,
+    TopicAlreadyExistsError,
+)
 from aiokafka.structs import TopicPartition
 
 from payapp import db
@@ -103,6 +108,7 @@ class EventSettings:
     lease_ttl_s: float
     consumer_max_attempts: int
     metrics_port: int
+    consumer_metrics_port: int
     reconcile_tz: str
     reconcile_settle_lag_s: int
     reconcile_minute: int
@@ -158,7 +164,9 @@ EVENT_SPECS: tuple[Spec, ...] = (
     Spec("CONSUMER_MAX_ATTEMPTS", "consumer_max_attempts", _int(1, 100), "3",
          "failures of one message before it goes to payment.dlq"),
     Spec("RELAY_METRICS_PORT", "metrics_port", _int(0, 65535), "0",
-         "relay's Prometheus port (outbox backlog, consumer lag); 0 = off"),
+         "relay's Prometheus port (outbox backlog and age, consumer lag, DLQ, latest reconciliation); 0 = off"),
+    Spec("CONSUMER_METRICS_PORT", "consumer_metrics_port", _int(0, 65535), "0",
+         "consumer's Prometheus port (events applied, duplicate, parked, dead-lettered); 0 = off"),
     Spec("RECONCILE_TZ", "reconcile_tz", _zone, "Asia/Seoul", "time zone of the business day"),
     Spec("RECONCILE_SETTLE_LAG_S", "reconcile_settle_lag_s", _int(0, 86400), "60",
          "money movements younger than this are not judged (still in flight)"),
@@ -300,12 +308,37 @@ class Lag:
 async def consumer_lag(s: EventSettings, topics: tuple[str, ...] = CONSUMED) -> Lag:
     """End offsets minus the group's committed offsets, from the admin side: it rises even with every consumer dead.
 
-    A partition the group never committed counts from its start (log start offset 0 here; retention is long)."""
+    A partition the group never committed counts from its start. Brokers whose admin API aiokafka cannot speak
+    (Tansu 0.6) are asked as a non-member of the group instead, over PAYAPP_KAFKA_PARTITIONS partitions."""
     bootstrap = s.require_bootstrap()
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await admin.start()
+    try:
+        partitions, committed = await _admin_view(s, topics)
+    except (KafkaError, ValueError):
+        partitions = [TopicPartition(s.topic(t), p) for t in topics for p in range(s.partitions)]
+        committed = None
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             group_id=s.group if committed is None else None)
     await probe.start()
+    try:
+        ends = await probe.end_offsets(partitions) if partitions else {}
+        begins = await probe.beginning_offsets(partitions) if partitions else {}
+        out: dict[str, int] = {}
+        for tp in partitions:
+            if committed is None:
+                offset = await probe.committed(tp)  # reads the group's offsets without joining it
+            else:
+                meta = committed.get(tp)
+                offset = meta.offset if meta is not None else None
+            done = offset if offset is not None and offset >= 0 else begins[tp]
+            out[f"{s.logical(tp.topic)}[{tp.partition}]"] = max(ends[tp] - done, 0)
+        return Lag(s.group, out)
+    finally:
+        await probe.stop()
+
+
+async def _admin_view(s: EventSettings, topics: tuple[str, ...]) -> tuple[list[TopicPartition], dict[Any, Any]]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.require_bootstrap())
+    await admin.start()
     try:
         committed = await _group_offsets(admin, s.group)
         described = await admin.describe_topics([s.topic(t) for t in topics])
@@ -314,16 +347,8 @@ async def consumer_lag(s: EventSettings, topics: tuple[str, ...] = CONSUMED) -> 
              for p in d.get("partitions", ())),
             key=lambda tp: (tp.topic, tp.partition),
         )
-        ends = await probe.end_offsets(partitions) if partitions else {}
-        begins = await probe.beginning_offsets(partitions) if partitions else {}
-        out: dict[str, int] = {}
-        for tp in partitions:
-            meta = committed.get(tp)
-            done = meta.offset if meta is not None and meta.offset >= 0 else begins[tp]
-            out[f"{s.logical(tp.topic)}[{tp.partition}]"] = max(ends[tp] - done, 0)
-        return Lag(s.group, out)
+        return partitions, committed
     finally:
-        await probe.stop()
         await admin.close()
 
 

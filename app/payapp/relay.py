@@ -41,6 +41,14 @@ from payapp.events import (
 log = logging.getLogger("payapp.relay")
 LEASE = "outbox-relay"
 
+#: The latest reconciliation report, exported as payapp_reconcile_<name> (the relay runs on every app node).
+_RECONCILE_FIGURES = ("last_balanced", "last_run_timestamp_seconds", "last_unbalanced_payments",
+                      "last_missing_settlements", "last_settlement_mismatches")
+_LATEST_RECONCILE = (
+    "SELECT is_balanced, UNIX_TIMESTAMP(created_at), unbalanced_payments,"
+    " missing_settlements, settlement_mismatches FROM reconciliation_report ORDER BY report_id DESC LIMIT 1"
+)
+
 
 @dataclass
 class RelayState:
@@ -53,7 +61,11 @@ class RelayState:
     backlog: int = 0
     purged: int = 0
     producer_resets: int = 0
+    publish_errors: int = 0
+    oldest_unpublished_s: float = 0.0
+    dlq_open: int = 0
     lag: dict[str, int] = field(default_factory=dict)
+    reconcile: dict[str, float] = field(default_factory=dict)  # the latest reconciliation report's figures
 
 
 class Relay:
@@ -143,6 +155,7 @@ class Relay:
             ]
         except (KafkaError, OSError, TimeoutError) as exc:
             log.warning("relay: send failed (%s); new producer, same rows", exc)
+            self.state.publish_errors += 1
             await self._close_producer(graceful=False)
             await asyncio.sleep(0.5)
             return False
@@ -153,6 +166,7 @@ class Relay:
             if left <= 0:
                 log.warning("relay: %d of %d acks missing after %.0fs; new producer, same rows",
                             len(pending), len(futures), self.s.publish_timeout_s)
+                self.state.publish_errors += 1
                 await self._close_producer(graceful=False)
                 return False
             _, pending = await asyncio.wait(pending, timeout=min(left, self.s.lease_ttl_s / 3))
@@ -161,6 +175,7 @@ class Relay:
         failed = [f.exception() for f in futures if f.exception() is not None]
         if failed:
             log.warning("relay: %d sends failed (%s); retrying", len(failed), failed[0])
+            self.state.publish_errors += 1
             await self._close_producer(graceful=False)
             return False
         return True
@@ -198,11 +213,21 @@ class Relay:
             try:
                 if conn is None:
                     conn = await connect(self.db_url)
-                res = await db.execute(conn, "SELECT COUNT(*) FROM outbox_event WHERE published_at IS NULL")
+                res = await db.execute(
+                    conn,
+                    "SELECT COUNT(*), COALESCE(TIMESTAMPDIFF(MICROSECOND, MIN(created_at), UTC_TIMESTAMP(6)), 0)"
+                    " FROM outbox_event WHERE published_at IS NULL",
+                )
                 self.state.backlog = int(res.rows[0][0])
+                self.state.oldest_unpublished_s = max(0.0, int(res.rows[0][1]) / 1e6)
+                res = await db.execute(conn, "SELECT COUNT(*) FROM dlq_event WHERE status = 'OPEN'")
+                self.state.dlq_open = int(res.rows[0][0])
+                res = await db.execute(conn, _LATEST_RECONCILE)
+                if res.rows:
+                    self.state.reconcile = dict(zip(_RECONCILE_FIGURES, (float(v) for v in res.rows[0]), strict=True))
                 self.state.lag = (await consumer_lag(self.s)).per_partition
-            except (asyncmy.errors.MySQLError, KafkaError, OSError) as exc:
-                log.debug("relay: gauges not refreshed: %s", exc)
+            except Exception as exc:  # a metrics loop must never die: the next round tries again
+                log.warning("relay: gauges not refreshed: %r", exc)
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -217,13 +242,20 @@ class Relay:
             "# TYPE payapp_relay_published_total counter", f"payapp_relay_published_total {st.published}",
             "# TYPE payapp_relay_producer_resets_total counter",
             f"payapp_relay_producer_resets_total {st.producer_resets}",
+            "# TYPE payapp_relay_publish_errors_total counter",
+            f"payapp_relay_publish_errors_total {st.publish_errors}",
             "# TYPE payapp_outbox_backlog gauge", f"payapp_outbox_backlog {st.backlog}",
+            "# TYPE payapp_outbox_oldest_unpublished_seconds gauge",
+            f"payapp_outbox_oldest_unpublished_seconds {st.oldest_unpublished_s:.3f}",
+            "# TYPE payapp_dlq_open gauge", f"payapp_dlq_open {st.dlq_open}",
             "# TYPE payapp_consumer_lag gauge",
         ]
         for tp, lag in sorted(st.lag.items()):
             topic, _, part = tp.partition("[")
             lines.append(f'payapp_consumer_lag{{group="{self.s.group}",topic="{topic}",partition="{part[:-1]}"}} {lag}')
         lines += ["# TYPE payapp_consumer_lag_total gauge", f"payapp_consumer_lag_total {sum(st.lag.values())}"]
+        for name, value in st.reconcile.items():
+            lines += [f"# TYPE payapp_reconcile_{name} gauge", f"payapp_reconcile_{name} {value:g}"]
         return "\n".join(lines) + "\n"
 
 

@@ -121,7 +121,7 @@ async def test_relay_metrics_export_backlog_and_lag(pipeline: Pipeline, api: Api
             return False
         return "payapp_relay_leader 1" in text and "payapp_consumer_lag_total 1" in text
 
-    await eventually(scraped, 30, "relay /metrics with leader=1 and lag 1")
+    await eventually(scraped, 60, "relay /metrics with leader=1 and lag 1")
     await asyncio.sleep(0)
 
 
