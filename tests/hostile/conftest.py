@@ -6,9 +6,11 @@ for a new merchant) and ``fuzz_server`` (one real ``payapp serve`` per module, f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,16 +63,24 @@ async def authorize(http: TestClient[Any, Any], merchant_id: str, amount: int = 
     return int(data["paymentId"])
 
 
+@contextlib.contextmanager
+def running_server(mariadb: MariaDB, redis_server: Redis, log_dir: Path,
+                   **overrides: str) -> Iterator[tuple[ServeProcess, AppDatabase]]:
+    """A real ``payapp serve`` (1 worker) on a database of its own, with PAYAPP_* ``overrides``; stopped by pid."""
+    database = new_database(mariadb, "hostile")
+    env = make_env(database.url, redis_server.url(), KEEPALIVE_TIMEOUT="5", **overrides)
+    proc = start_serve(env, log_dir / "serve.log", workers=1)
+    try:
+        proc.wait_ready()
+        yield proc, database
+    finally:
+        proc.stop()
+        mariadb.sql(f"DROP DATABASE IF EXISTS {database.name}")
+
+
 @pytest.fixture(scope="module")
 def fuzz_server(mariadb: MariaDB, redis_server: Redis,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """A real ``payapp serve`` (1 worker, auth off) on its own database, for the whole module."""
-    database = new_database(mariadb, "hostile")
-    env = make_env(database.url, redis_server.url(), KEEPALIVE_TIMEOUT="5")
-    proc = start_serve(env, tmp_path_factory.mktemp("serve") / "serve.log", workers=1)
-    try:
-        proc.wait_ready()
+    with running_server(mariadb, redis_server, tmp_path_factory.mktemp("serve")) as (proc, _):
         yield proc
-    finally:
-        proc.stop()
-        mariadb.sql(f"DROP DATABASE IF EXISTS {database.name}")

@@ -7,6 +7,7 @@ so every error is ``{code, message, paymentId?}`` with a code that its status ma
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -19,15 +20,20 @@ from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    ignored_auth,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
 
+from payapp.auth import create_merchant
 from payapp.openapi import document
 from tests.app.conftest import ServeProcess
+from tests.hostile.conftest import running_server
+from tests.support.services import MariaDB, Redis
 
 MAX_EXAMPLES = 50
+APIKEY_EXAMPLES = 25
 STATEFUL_EXAMPLES = 40
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
@@ -38,6 +44,7 @@ pytestmark = pytest.mark.slow
 # The document the server serves (test_openapi checks they are the same); loaded at collection, so that each
 # operation is its own test. (schemathesis.pytest.from_fixture does not work with pytest 9.)
 schema = schemathesis.openapi.from_dict(document("off"))
+keyed_schema = schemathesis.openapi.from_dict(document("apikey"))
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +64,26 @@ def http() -> Iterator[requests.Session]:
 @settings(max_examples=MAX_EXAMPLES, deadline=2000, suppress_health_check=list(HealthCheck))
 def test_fuzz_operation(case: schemathesis.Case, base_url: str, http: requests.Session) -> None:
     case.call_and_validate(base_url=base_url, session=http, checks=CHECKS, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(mariadb: MariaDB, redis_server: Redis,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real server with PAYAPP_AUTH=apikey, and the Authorization header of one of its merchants."""
+    with running_server(mariadb, redis_server, tmp_path_factory.mktemp("keyed"), AUTH="apikey") as (proc, db):
+        key = asyncio.run(create_merchant(db.url, "fuzz-merchant", "fuzz"))
+        served = requests.get(proc.url + "/openapi.json", timeout=10).json()
+        assert served == document("apikey")
+        yield proc.url, {"Authorization": f"Bearer {key}"}
+
+
+@keyed_schema.parametrize()
+@settings(max_examples=APIKEY_EXAMPLES, deadline=2000, suppress_health_check=list(HealthCheck))
+def test_fuzz_operation_with_api_keys(case: schemathesis.Case, keyed_server: tuple[str, dict[str, str]],
+                                      http: requests.Session) -> None:
+    """The same, with a valid key on every request; ignored_auth re-sends without it and with a wrong one (401)."""
+    url, auth = keyed_server
+    case.call_and_validate(base_url=url, session=http, headers=auth, checks=[*CHECKS, ignored_auth], timeout=10)
 
 
 def test_fuzz_stateful_chains(base_url: str, http: requests.Session) -> None:
