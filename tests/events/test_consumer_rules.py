@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 from aiohttp.test_utils import TestClient, TestServer
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from payapp import events
 from payapp.consumer import APPLIED, DUPLICATE, apply_event
@@ -97,6 +97,22 @@ async def test_shuffled_and_duplicated_delivery_gives_the_same_result(pipeline: 
         p.mariadb.sql(f"DROP DATABASE IF EXISTS {shuffled}")
 
 
+async def dlq_messages(p: Pipeline, want: int) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(p.prefix + events.DLQ, bootstrap_servers=p.kafka.bootstrap,
+                                group_id=f"audit-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    try:
+        for _ in range(20):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                out += [orjson.loads(r.value or b"{}") for r in records]
+            if len(out) >= want:
+                break
+    finally:
+        await consumer.stop()
+    return out
+
+
 async def test_poison_message_dead_letters_parks_the_payment_and_replays_in_order(
     pipeline: Pipeline, api: Api
 ) -> None:
@@ -131,6 +147,9 @@ async def test_poison_message_dead_letters_parks_the_payment_and_replays_in_orde
     dead = p.sql("SELECT payment_id, topic, attempts, LEFT(error, 60) FROM dlq_event ORDER BY dlq_id")
     assert dead[0][:3] == [str(blocked), "payment.captured", "1"] and dead[0][3].startswith("PoisonError: not JSON")
     assert dead[1][:3] == [str(missing), "payment.captured", "2"] and "not in the primary" in dead[1][3]
+    on_topic = await dlq_messages(p, 2)
+    assert [m["paymentId"] for m in on_topic] == [blocked, missing]
+    assert on_topic[1]["eventId"] == first["eventId"] and on_topic[1]["attempts"] == 2
     listed = p.payapp("dlq", "list")
     assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 3, listed.stdout
 
