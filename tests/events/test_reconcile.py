@@ -124,3 +124,17 @@ async def test_two_schedulers_write_one_report_per_day_for_the_hour(pipeline: Pi
     assert rows and all(n == "1" and kind == "schedule" for _, n, kind in rows), rows
     printed = [sum(line.startswith("report ") for line in p.log_of(proc).splitlines()) for proc in procs]
     assert sorted(printed)[0] == 0 and sorted(printed)[1] == len(rows)
+
+
+async def test_reconcile_date_ranges_and_argument_errors(pipeline: Pipeline) -> None:
+    p = pipeline
+    days = p.payapp("reconcile", "--from", "2026-11-01", "--to", "2026-11-03")
+    assert days.returncode == 0, days.stderr
+    assert [line.split()[2] for line in days.stdout.splitlines()] == ["2026-11-01", "2026-11-02", "2026-11-03"]
+    one = p.payapp("reconcile", "--date", "2026-10-31")
+    assert one.returncode == 0 and " 2026-10-31 balanced=true" in one.stdout
+    both = p.payapp("reconcile", "--date", "2026-10-31", "--from", "2026-11-01", "--to", "2026-11-02")
+    assert both.returncode == 2
+    assert both.stderr.startswith("payapp: error: give either --date or --from/--to")
+    backwards = p.payapp("reconcile", "--from", "2026-11-03", "--to", "2026-11-01")
+    assert backwards.returncode == 2 and "--from is after --to" in backwards.stderr
