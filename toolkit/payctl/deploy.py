@@ -63,6 +63,9 @@ class ApplyRequest:
     dry_run: bool = False
     only: str | None = None
     break_lock: bool = False
+    #: Limit the operations and health checks to these nodes (``payctl scale add-node`` deploys only the new node;
+    #: the others are still connected for facts and live roles). None: every active node.
+    nodes: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,8 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
     works: list[runtimes.NodeWork] = []
     diffs: list[FileDiff] = []
     for node in plan.active_nodes:
+        if req.nodes is not None and node.name not in req.nodes:
+            continue
         hooks.step(node.name, "compare with the node")
         files = {f.path: f for f in rendered.values() if f.node == node.name}
         remote = None
@@ -357,7 +362,7 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
             return ApplyResult(preview, applied=False)
         conn.state.add_callback_handler(_Progress(conn, hooks))  # type: ignore[no-untyped-call]
         conn.run()
-    health = check_health(conn, plan, hooks)
+    health = check_health(conn, plan, hooks, nodes=req.nodes)
     bad = [h for h in health if not h.ok]
     if bad:
         raise DeployError(
@@ -396,7 +401,11 @@ def _http(shell: lock.Shell, url: str) -> tuple[bool, str]:
 
 
 def check_health(
-    conn: hosts.Connected, plan: Plan, hooks: Hooks, timeout: float = HEALTH_TIMEOUT_S
+    conn: hosts.Connected,
+    plan: Plan,
+    hooks: Hooks,
+    timeout: float = HEALTH_TIMEOUT_S,
+    nodes: tuple[str, ...] | None = None,
 ) -> list[HealthCheck]:
     """Poll until every program is RUNNING and the app answers /health directly and through nginx, or time out."""
     if conn.fake:
@@ -404,6 +413,8 @@ def check_health(
     lab = is_lab(plan)
     results: list[HealthCheck] = []
     for node in plan.active_nodes:
+        if nodes is not None and node.name not in nodes:
+            continue
         hooks.step(node.name, "health checks")
         shell = shell_of(conn.host(node.name))
         deadline = time.monotonic() + timeout

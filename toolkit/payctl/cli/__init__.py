@@ -35,6 +35,7 @@ _GROUPS: dict[str, tuple[str, ...]] = {
     "verify": ("verify", "calibrate"),
     "apply": ("phase1", "phase2", "phase3", "phase4", "phase5", "lock"),
     "status": ("status", "logs", "down"),
+    "scale": ("scale",),
 }
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -1,0 +1,59 @@
+"""`payctl scale add-node`: the dry run shows the ordered steps with their undo and contacts no host (ktcloud
+inventories: the fake connector); refusals are usage errors (exit 2) with the message and hint a user sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from payctl.cli import run
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PAYCTL_HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_dry_run_lists_the_steps_in_order(capsys: pytest.CaptureFixture[str], home: Path) -> None:
+    rc = run(["scale", "add-node", "-i", "ktcloud-2node", "--node", "node2", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    assert lines[0] == "add node2 to deployment ktcloud-pay (primary node1, LB node1):"
+    steps = [line for line in lines if line[:2] in {"1.", "2.", "3.", "4.", "5."}]
+    assert [s.split("]")[0] for s in steps] == ["1. [node1", "2. [node2", "3. [node2", "4. [node1", "5. [node1"]
+    assert (
+        "MASTER_USE_GTID=slave_pos on node2" in steps[2] and "--single-transaction --master-data=1 --gtid" in steps[2]
+    )
+    assert "semi-sync AFTER_SYNC (1000 ms timeout)" in steps[2]
+    assert "nginx on node1: upstreams node1, node2, nginx -t, graceful reload" in steps[4]
+    assert sum(line.startswith("undo: ") for line in lines) == 5
+    assert lines[-1] == "dry run: nothing changed"
+    # Nothing was written: no secrets were generated for a dry run.
+    assert not (home / "ktcloud-pay").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message", "hint"),
+    [
+        (["-i", "ktcloud-2node", "--node", "nodeX", "--dry-run"],
+         "error: node 'nodeX' is not in the inventory (it has node1, node2, witness)",
+         "hint: add the node to the inventory first (docs/inventory.md)"),
+        (["-i", "ktcloud-2node", "--node", "node1", "--dry-run"],
+         "error: node1 is the primary/LB node of this deployment, not a node to add",
+         "hint: pass the node the running deployment does not have yet (e.g. --node node2)"),
+        (["-i", "ktcloud-2node", "--node", "witness", "--dry-run"],
+         "error: witness carries no app and MariaDB in phase 5: scale add-node adds an app node",
+         "hint: check the node's roles in the inventory"),
+        (["-i", "ktcloud-2node", "--node", "node2"],
+         "error: payctl scale add-node changes hosts and asks first, but stdin is not a terminal",
+         "hint: add --yes to apply without asking, or --dry-run to only see the steps"),
+    ],
+)  # fmt: skip
+def test_refusals_exit_2(argv: list[str], message: str, hint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = run(["scale", "add-node", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.splitlines() == [message, hint]
