@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 import asyncmy
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 
 from payapp import db, settlement
 from payapp.db import Batch, rollback_quietly, utcnow
@@ -45,6 +46,7 @@ from payapp.events import (
 log = logging.getLogger("payapp.consumer")
 
 APPLIED, DUPLICATE, PARKED = "applied", "duplicate", "parked"
+COMMIT_EVERY_S = 0.5
 _TRANSIENT = (db.ER_LOCK_WAIT_TIMEOUT, db.ER_LOCK_DEADLOCK)
 
 
@@ -261,24 +263,38 @@ class Worker:
         await kafka.start()
         self._producer = producer(self.s)
         await self._producer.start()
+        pending: dict[TopicPartition, OffsetAndMetadata] = {}
+        committed_at = 0.0
         try:
             while not stop.is_set():
                 batch = await kafka.getmany(timeout_ms=200, max_records=500)
-                if not batch:
-                    continue
-                await self.handle_many([r for records in batch.values() for r in records])
-                try:
-                    await kafka.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "")
-                                        for tp, records in batch.items()})
-                except KafkaError as exc:
-                    # A rebalance or a broker outage: the records come again (to us or another member) and
-                    # their eventIds make them no-ops.
-                    log.warning("consume: offset commit failed (%s); records will be redelivered", exc)
+                if batch:
+                    await self.handle_many([r for records in batch.values() for r in records])
+                    pending.update({tp: OffsetAndMetadata(records[-1].offset + 1, "")
+                                    for tp, records in batch.items()})
+                # Offsets go to Kafka at most every COMMIT_EVERY_S (and when idle): each commit is a broker request,
+                # and a crash in between only redelivers what the eventIds already make no-ops.
+                if pending and (not batch or time.monotonic() - committed_at >= COMMIT_EVERY_S):
+                    committed_at = time.monotonic()
+                    await self._commit(kafka, pending)
+            if pending:
+                await self._commit(kafka, pending)
         finally:
             await kafka.stop()
             with contextlib.suppress(TimeoutError, KafkaError):
                 await asyncio.wait_for(self._producer.stop(), 10)
             self._drop_db()
+
+    @staticmethod
+    async def _commit(kafka: AIOKafkaConsumer, pending: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        offsets = dict(pending)
+        pending.clear()
+        try:
+            await kafka.commit(offsets)
+        except KafkaError as exc:
+            # A rebalance or a broker outage: the records come again (to us or another member) and their eventIds
+            # make them no-ops.
+            log.warning("consume: offset commit failed (%s); records will be redelivered", exc)
 
     async def handle_many(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         """Apply a polled batch in one transaction; what it cannot decide (or any error) goes one by one."""
@@ -361,3 +377,25 @@ class Worker:
             self.stats.duplicates += 1
         else:
             self.stats.parked += 1
+
+
+def stats_text(stats: ConsumerStats) -> str:
+    """The consumer's Prometheus exposition (its own port: CONSUMER_METRICS_PORT)."""
+    lines = ["# TYPE payapp_consumer_events_total counter"]
+    for outcome, n in ((APPLIED, stats.applied), (DUPLICATE, stats.duplicates), (PARKED, stats.parked),
+                       ("dead", stats.dead)):  # fmt: skip
+        lines.append(f'payapp_consumer_events_total{{outcome="{outcome}"}} {n}')
+    lines.append("# TYPE payapp_settlement_events_total counter")
+    for topic, n in sorted(stats.by_topic.items()):
+        lines.append(f'payapp_settlement_events_total{{topic="{topic}"}} {n}')
+    return "\n".join(lines) + "\n"
+
+
+async def serve_consumer(db_url: str, settings: EventSettings, stop: asyncio.Event, host: str = "") -> ConsumerStats:
+    """Run the consumer (and its metrics endpoint when CONSUMER_METRICS_PORT is set) until ``stop``."""
+    from payapp.metrics import metrics_site
+
+    worker = Worker(db_url, settings)
+    async with metrics_site(host, settings.consumer_metrics_port, lambda: stats_text(worker.stats)):
+        await worker.run(stop)
+    return worker.stats

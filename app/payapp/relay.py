@@ -142,6 +142,10 @@ class Relay:
             )
             self.state.published += len(ids)
             self.state.rounds += 1
+            if len(rows) < self.s.relay_batch:
+                # A partial round means we are caught up: wait a poll interval so the next round carries a batch
+                # instead of one or two rows (fewer queries, fewer produce requests; <= RELAY_POLL_S of latency).
+                await sleep_until(stop, self.s.relay_poll_s)
 
     async def _publish(self, conn: asyncmy.Connection, rows: tuple[tuple[Any, ...], ...]) -> bool:
         """Send ``rows`` and wait for every ack (renewing the lease meanwhile); False: retry the round."""
