@@ -6,6 +6,7 @@ stops, so an app can be created, served, and torn down any number of times in on
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
@@ -17,7 +18,7 @@ from payapp import api, db, openapi
 from payapp.auth import ApiKeys
 from payapp.codec import CODECS
 from payapp.keys import API_KEYS, CODEC, DB_POOL, LIMITER, METRICS, PAYMENTS, REDIS, SETTINGS
-from payapp.metrics import Metrics
+from payapp.metrics import Metrics, sample_pool_every
 from payapp.payments import Payments
 from payapp.ratelimit import RateLimiter
 from payapp.settings import Settings
@@ -44,7 +45,11 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     app[DB_POOL] = pool
     app[PAYMENTS] = Payments(pool, app[CODEC].dumps, settings.idempotency_lease_seconds)
     app[API_KEYS] = ApiKeys(pool)
+    stop = asyncio.Event()
+    gauges = asyncio.get_running_loop().create_task(sample_pool_every(app[METRICS], pool, stop))
     yield
+    stop.set()
+    await gauges
     pool.close()
     await pool.wait_closed()
 

@@ -67,13 +67,11 @@ def add_consume(sub: Subparsers) -> None:
 
 
 def _consume(args: argparse.Namespace, settings: Settings) -> int:
-    from payapp.consumer import Worker
+    from payapp.consumer import serve_consumer
 
     s = _events(args)
     s.require_bootstrap()
-    worker = Worker(settings.db_url, s)
-    _until_signal(worker.run)
-    st = worker.stats
+    st = _until_signal(lambda stop: serve_consumer(settings.db_url, s, stop, settings.host))
     print(f"consumer stopped: applied {st.applied}, duplicates {st.duplicates}, parked {st.parked}, "
           f"dead letters {st.dead}", file=sys.stderr)
     return 0

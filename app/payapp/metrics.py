@@ -9,9 +9,14 @@ registry, so two apps in one process do not collide.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -37,6 +42,13 @@ class Metrics:
                                     registry=r)
         self.idempotent_replays = Counter("payapp_idempotent_replays", "Responses replayed for a repeated key",
                                           ["route"], registry=r)
+        # livesum: each worker writes its own value, /metrics shows the sum over live workers.
+        self.db_pool_size = Gauge("payapp_db_pool_size", "Open connections in the DB pools", registry=r,
+                                  multiprocess_mode="livesum")
+        self.db_pool_in_use = Gauge("payapp_db_pool_in_use", "DB connections lent out to requests", registry=r,
+                                    multiprocess_mode="livesum")
+        self.db_pool_waiting = Gauge("payapp_db_pool_waiting", "Requests waiting for (or opening) a DB connection",
+                                     registry=r, multiprocess_mode="livesum")
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -55,3 +67,39 @@ class Metrics:
             MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+    def sample_pool(self, pool: Any) -> None:
+        """Pool gauges from an asyncmy pool (``_acquiring`` is private: 0 when a release renames it)."""
+        size = int(pool.size)
+        self.db_pool_size.set(size)
+        self.db_pool_in_use.set(size - int(pool.freesize))
+        self.db_pool_waiting.set(int(getattr(pool, "_acquiring", 0)))
+
+
+async def sample_pool_every(metrics: Metrics, pool: Any, stop: asyncio.Event, every_s: float = 1.0) -> None:
+    """Keep this worker's pool gauges fresh (each worker samples its own pool; /metrics sums them)."""
+    while not stop.is_set():
+        metrics.sample_pool(pool)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+
+
+@contextlib.asynccontextmanager
+async def metrics_site(host: str, port: int, text: Callable[[], str]) -> AsyncIterator[None]:
+    """A ``/metrics`` endpoint for the relay and the consumer (their own ports; 0 = none)."""
+    if not port:
+        yield
+        return
+
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(text=text(), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host or "0.0.0.0", port).start()
+        yield
+    finally:
+        await runner.cleanup()
