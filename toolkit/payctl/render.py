@@ -373,6 +373,9 @@ def _app_env(plan: Plan, env: tuple[tuple[str, str], ...], secret: SecretFn) -> 
         ("PAYAPP_KAFKA_BOOTSTRAP", plan.kafka.bootstrap_servers),
         ("PAYAPP_KAFKA_PARTITIONS", str(plan.kafka.partitions)),
         ("PAYAPP_KAFKA_REPLICATION_FACTOR", str(plan.kafka.replication_factor)),
+        # The relay's and the consumer's own /metrics (Prometheus scrapes them; the compose healthchecks probe them).
+        ("PAYAPP_RELAY_METRICS_PORT", str(PORTS["relay_metrics"])),
+        ("PAYAPP_CONSUMER_METRICS_PORT", str(PORTS["consumer_metrics"])),
     ]
     master_name = next((n.sentinel.master_name for n in plan.active_nodes if n.sentinel is not None), "")
     if topo.sentinels and master_name:

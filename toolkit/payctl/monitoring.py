@@ -1,0 +1,167 @@
+"""What monitoring answers, as data: the metrics each target exports, the per-node figures and the run series.
+
+One place names the PromQL that ``payctl status`` (live figures per node), ``payctl verify`` (server series over the
+run window) and the tests read; the dashboard and alert templates use the recording rules of
+``templates/prometheus/payctl.rules.yml.j2`` (``payctl:*``), which these queries reuse.
+
+In the lab every host shares this machine's /proc, so the node exporter's CPU and memory are the whole machine's:
+``lab_overrides`` replaces them with the host's cgroup figures (``payctl.labmetrics``) where payctl runs on the lab
+machine itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from payctl.prom import PromClient, ScrapeTarget
+from payctl.report import ServerSeries
+
+#: Metric -> the scrape job that exports it. The structural tests check that every dashboard/alert expression uses
+#: only these (or recording rules), and the lab test that each one exists in a live Prometheus.
+METRICS: Mapping[str, str] = MappingProxyType({
+    "payapp_http_requests_total": "payapp",
+    "payapp_http_request_duration_seconds_bucket": "payapp",
+    "payapp_ratelimit_rejected_total": "payapp",
+    "payapp_ratelimit_fallback_total": "payapp",
+    "payapp_db_pool_in_use": "payapp",
+    "payapp_db_pool_waiting": "payapp",
+    "payapp_db_pool_size": "payapp",
+    "payapp_relay_published_total": "relay",
+    "payapp_relay_publish_errors_total": "relay",
+    "payapp_outbox_backlog": "relay",
+    "payapp_outbox_oldest_unpublished_seconds": "relay",
+    "payapp_consumer_lag": "relay",
+    "payapp_consumer_lag_total": "relay",
+    "payapp_dlq_open": "relay",
+    "payapp_reconcile_last_balanced": "relay",
+    "payapp_consumer_events_total": "consumer",
+    "node_cpu_seconds_total": "node",
+    "node_memory_MemTotal_bytes": "node",
+    "node_memory_MemAvailable_bytes": "node",
+    "node_filesystem_avail_bytes": "node",
+    "node_filesystem_size_bytes": "node",
+    "mysql_up": "mysqld",
+    "mysql_global_status_rpl_semi_sync_master_status": "mysqld",
+    "mysql_global_variables_rpl_semi_sync_master_enabled": "mysqld",
+    "redis_up": "redis",
+    "nginx_up": "nginx",
+    "up": "",
+})  # fmt: skip
+
+#: Metrics that exist only on some deployments (a replica, a failed reconciliation run, a published settlement).
+OPTIONAL: frozenset[str] = frozenset({
+    "mysql_slave_status_seconds_behind_master", "mysql_slave_status_slave_io_running",
+    "mysql_slave_status_slave_sql_running", "payapp_settlement_events_total", "payapp_reconcile_last_balanced",
+})  # fmt: skip
+
+#: Per node, one instant query each (``payctl status``). Keys are the JSON keys.
+FIGURES: Mapping[str, str] = MappingProxyType({
+    "cpu": "payctl:node_cpu_ratio:1m * 100",
+    "memory": "payctl:node_memory_used_bytes / 1e6",
+    "rps": "payctl:requests:rate1m",
+    "p95_ms": "payctl:request_p95_seconds:1m * 1000",
+    "error_percent": "payctl:errors:rate1m / clamp_min(payctl:requests:rate1m, 1e-9) * 100",
+    "consumer_lag": "max by (node) (payapp_consumer_lag_total)",
+    "outbox_backlog": "max by (node) (payapp_outbox_backlog)",
+    "replica_lag_s": "max by (node) (mysql_slave_status_seconds_behind_master)",
+    "semi_sync": "max by (node) (mysql_global_status_rpl_semi_sync_master_status)",
+    "disk_free_percent": "payctl:node_disk_free_ratio * 100",
+})  # fmt: skip
+
+UNITS: Mapping[str, str] = MappingProxyType({
+    "cpu": "%", "memory": "MB", "rps": "/s", "p95_ms": "ms", "error_percent": "%", "consumer_lag": "",
+    "outbox_backlog": "", "replica_lag_s": "s", "semi_sync": "", "disk_free_percent": "%",
+})  # fmt: skip
+
+#: The run series of ``payctl verify`` (ServerSeries fields); raw metrics, not 1m rules, so a short run has points.
+RUN_SERIES: Mapping[str, str] = MappingProxyType({
+    "cpu_percent": '(1 - avg by (node) (rate(node_cpu_seconds_total{mode="idle"}[30s]))) * 100',
+    "memory_mb": "sum by (node) (node_memory_MemTotal_bytes - node_memory_MemAvailable_bytes) / 1e6",
+    "consumer_lag": "max(payapp_consumer_lag_total)",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LiveFigures:
+    """What ``payctl status`` adds: per node figures and the scrape targets with their health."""
+
+    nodes: Mapping[str, Mapping[str, float]]
+    targets: tuple[ScrapeTarget, ...]
+    source: str
+    notes: tuple[str, ...] = ()
+
+    def node(self, name: str) -> Mapping[str, float]:
+        return self.nodes.get(name, {})
+
+    def as_dict(self) -> dict[str, object]:
+        return {"source": self.source, "nodes": {n: dict(v) for n, v in self.nodes.items()},
+                "targets": [t.as_dict() for t in self.targets], "notes": list(self.notes)}  # fmt: skip
+
+
+def live_figures(client: PromClient, source: str) -> LiveFigures:
+    """Every figure per node (a node without a value for a figure simply lacks the key) and every target."""
+    nodes: dict[str, dict[str, float]] = {}
+    for key, expr in FIGURES.items():
+        for s in client.query(expr):
+            node = s.labels.get("node", "")
+            if node and s.value == s.value:  # NaN (no requests yet) is no figure
+                nodes.setdefault(node, {})[key] = round(s.value, 3)
+    return LiveFigures(nodes, tuple(client.targets()), source)
+
+
+def with_lab_cgroups(figures: LiveFigures, cgroup: Mapping[str, Mapping[str, float]]) -> LiveFigures:
+    """Lab hosts share /proc: replace the node exporter's whole-machine CPU/memory with the host's cgroup figures."""
+    nodes = {n: dict(v) for n, v in figures.nodes.items()}
+    for node, values in cgroup.items():
+        nodes.setdefault(node, {}).update(values)
+    note = "lab: cpu (% of one core) and memory (MB) from each host's cgroup; the node exporter sees the whole machine"
+    return LiveFigures(nodes, figures.targets, figures.source, (*figures.notes, note))
+
+
+@dataclass
+class PromSampler:
+    """``verification.Sampler`` over Prometheus: notes the run's wall-clock window, then reads the series for it.
+
+    ``sample`` only records time (no query during the load); ``series`` asks Prometheus once per series with a
+    ``step`` of a few seconds, and returns points as seconds since the run's start, as the report wants.
+    """
+
+    client: PromClient
+    step_s: float = 5.0
+    clock: Callable[[], float] = time.time
+    _start: float | None = None
+    _end: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def sample(self, t: float) -> None:
+        now = self.clock()
+        if self._start is None:
+            self._start = now - t
+        self._end = now
+
+    def series(self) -> ServerSeries:
+        from payctl.prom import MonitoringError
+
+        if self._start is None or self._end is None:
+            return ServerSeries()
+        start, end = self._start, self._end
+        per: dict[str, dict[str, list[tuple[float, float | None]]]] = {}
+        for key, expr in RUN_SERIES.items():
+            try:
+                result = self.client.query_range(expr, start, end + self.step_s, self.step_s)
+            except MonitoringError as exc:
+                self.errors.append(f"{key}: {exc.message}")
+                continue
+            for r in result:
+                pts = [(round(t - start, 3), v) for t, v in r.points if v == v]
+                per.setdefault(key, {})[r.labels.get("node", "total")] = pts  # type: ignore[assignment]
+        lag = per.get("consumer_lag", {})
+        return ServerSeries(cpu_percent=per.get("cpu_percent", {}), memory_mb=per.get("memory_mb", {}),
+                            consumer_lag=next(iter(lag.values()), ()))  # fmt: skip
+
+
+def unhealthy(targets: Sequence[ScrapeTarget]) -> list[ScrapeTarget]:
+    return [t for t in targets if t.health != "up"]
