@@ -164,3 +164,26 @@ def test_a_search_that_starts_too_high_halves_down_to_a_knee() -> None:
     assert pauses == [1, 2, 3]  # a cool-down before every step but the first
     never = find_knee([400], _server(1), descend=2)
     assert [s.offered_rps for s in never.steps] == [400, 200, 100] and never.knee_rps is None
+
+
+def test_payctl_calibrate_shows_the_plans_error_and_the_prediction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from payctl.cli import run
+
+    monkeypatch.setenv("PAYCTL_HOME", str(tmp_path))
+    assert run(["calibrate", "-i", "lab-1node", "--phase", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no calibration for deployment lab (native)" in err
+    assert "hint: run payctl verify -i lab-1node --find-knee first" in err
+    knee = find_knee(knee_rates(25, 300, 25), _server(80))
+    store(calibrate(knee, deployment="lab", runtime="native", nodes=1, scenario="mixed"), tmp_path)
+    assert run(["calibrate", "-i", "lab-1node", "--phase", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 node(s): knee 50/s (mixed, 3 steps" in out
+    assert "the measured knee is 50/s: off by +" in out
+    assert "phase 1 target 400 RPS, predicted 50 ± 12 on 1 node: add a node or raise workers" in out
+    assert run(["calibrate", "-i", "lab-2node", "--phase", "5", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["prediction"]["nodes"] == 2 and doc["prediction"]["calibrated_nodes"] == 1
+    assert doc["prediction"]["reachable"] is False and doc["plan"] is None
