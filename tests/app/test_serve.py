@@ -94,7 +94,7 @@ async def test_sigterm_under_load_loses_no_committed_payment(serve: Serve, payap
     assert not any(_alive(pid) for pid in workers)
 
     answered = {pid for kind, pid, _ in results if kind == "ok"}
-    assert in_flight_at_signal > 50 and len(answered) > 50
+    assert in_flight_at_signal > 10 and len(answered) > 10
     assert {kind for kind, _, _ in results} <= {"ok", "error"}, [r for r in results if r[0] == "http"][:5]
     stored = {int(r[0]) for r in app_db.rows(f"SELECT payment_id FROM payment WHERE merchant_id = '{m}'")}
     # Every payment the client was told about is committed, and nothing was committed without its answer.
