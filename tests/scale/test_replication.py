@@ -3,110 +3,23 @@ read-only, least privilege, idempotent re-run, refusal of a non-fresh replica, a
 
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncmy
 import pytest
 
 from payctl import replication
 from payctl.replication import DbNode, ReplicaSpec, ReplicationError
+from tests.scale.conftest import SPEC, Writer
 from tests.support.services import MariaDB
 
 pytestmark = pytest.mark.slow
 
 
-class LocalIO:
-    """The node seam: commands in a local bash, private files written 0600 (the servers are on this machine)."""
-
-    def run(self, command: str) -> tuple[bool, str, str]:
-        p = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
-        return p.returncode == 0, p.stdout, p.stderr
-
-    def put_private(self, path: str, text: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-
-
-def node(name: str, db: MariaDB, work: Path) -> DbNode:
-    return DbNode(name, "127.0.0.1", db.port, f"mariadb --defaults-file={db.client_cnf}", str(work), LocalIO())
-
-
-SPEC = ReplicaSpec(user="replication", password="repl-s3cret'pw", databases=("payments",), semisync_timeout_ms=2000,
-                   catchup_timeout_s=60)  # fmt: skip
-
-
-@dataclass
-class Writer:
-    """A bounded writer: at most `limit` inserts, each acknowledged id recorded, every failure recorded."""
-
-    port: int
-    password: str
-    limit: int = 3000
-    acked: list[int] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def _loop(self) -> None:
-        async def go() -> None:
-            conn = await asyncmy.connect(host="127.0.0.1", port=self.port, user="root", password=self.password,
-                                         db="payments", autocommit=True)  # fmt: skip
-            try:
-                for i in range(self.limit):
-                    if self.stop.is_set():
-                        return
-                    try:
-                        async with conn.cursor() as cur:
-                            await cur.execute("INSERT INTO payment (id, amount) VALUES (%s, %s)", (i + 1000, i))
-                        self.acked.append(i + 1000)
-                    except Exception as exc:  # every failure is a finding
-                        self.failed.append(repr(exc))
-                    await asyncio.sleep(0.005)
-            finally:
-                conn.close()
-
-        asyncio.run(go())
-
-    def __enter__(self) -> Writer:
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(30)
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[MariaDB, MariaDB, DbNode, DbNode]]:
-    primary = MariaDB(tmp_path / "primary", server_id=1).start()
-    replica = MariaDB(tmp_path / "replica", server_id=2).start()
-    try:
-        primary.sql("CREATE DATABASE payments; CREATE TABLE payments.payment (id BIGINT PRIMARY KEY, amount INT)"
-                    " ENGINE=InnoDB; INSERT INTO payments.payment VALUES (1, 10), (2, 20);"
-                    "CREATE USER app@'127.0.0.1' IDENTIFIED BY 'app-pw';"
-                    "GRANT SELECT, INSERT ON payments.* TO app@'127.0.0.1'")  # fmt: skip
-        # The replica's fresh datadir is what a new node has: its own root, nothing else.
-        replica.sql("RESET MASTER")
-        (tmp_path / "w1").mkdir()
-        (tmp_path / "w2").mkdir()
-        yield primary, replica, node("node1", primary, tmp_path / "w1"), node("node2", replica, tmp_path / "w2")
-    finally:
-        replica.stop()
-        primary.stop()
-
-
 def test_replica_added_online_under_writes(pair: tuple[MariaDB, MariaDB, DbNode, DbNode]) -> None:
     primary, replica, p, r = pair
     steps: list[str] = []
-    with Writer(primary.port, primary.root_password) as w:
+    with Writer(lambda: primary.port, primary.root_password) as w:
         time.sleep(0.5)
         result = replication.add_replica(p, r, SPEC, steps.append)
         time.sleep(0.5)
@@ -177,7 +90,7 @@ def test_failed_attach_rolls_back(
     # Writes after the snapshot are needed for catch-up to have something to wait for.
     with (
         pytest.raises(ReplicationError, match=r"did not reach GTID .* \(rolled back\)"),
-        Writer(primary.port, primary.root_password, limit=200),
+        Writer(lambda: primary.port, primary.root_password, limit=200),
     ):
         replication.add_replica(wrong, r, spec)
     assert replication.status(r) == {}
