@@ -18,6 +18,7 @@ import argparse
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,11 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench_apply needs root (lab hosts)")
     home = Path(tempfile.mkdtemp(prefix="payctl-bench-"))
-    env = {**os.environ, "PAYCTL_HOME": str(home)}
+    # A snapshot of app/: an edit to the checkout during the run would (rightly) make the re-apply install it.
+    source = home / "app-source"
+    shutil.copytree(REPO / "app", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    env = {**os.environ, "PAYCTL_HOME": str(home), "PAYCTL_APP_SOURCE": str(source)}
+    os.environ["PAYCTL_APP_SOURCE"] = str(source)
     apply = ["phase1", "apply", "-i", "lab-1node", "--yes", "--no-verify"]
     with LOCK.open("a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

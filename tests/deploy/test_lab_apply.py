@@ -191,6 +191,27 @@ def test_kill9_of_the_app_master_is_restarted_and_leaves_no_orphan_worker(deploy
     wait_until(healthy, timeout=30, what="/health through nginx")
 
 
+def test_a_drifted_config_is_restored_and_restarts_only_its_reader(
+    deployed: Deployed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = PREFIX / "redis" / "redis.conf"
+    before = programs()
+    conf.write_text(conf.read_text() + "# edited by hand on the node\n")
+    rc = run(APPLY)
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "restart  payctl-redis" in out.out and "-# edited by hand on the node" in out.out  # diff shown
+    record = last_audit(deployed.home)
+    assert record["changed_files"] == ["node1/redis/redis.conf"]
+    assert record["restarted"] == ["node1/payctl-redis"]
+    after = programs()
+    assert after["payctl-redis"][1] != before["payctl-redis"][1]
+    assert {k: v for k, v in after.items() if k != "payctl-redis"} == {
+        k: v for k, v in before.items() if k != "payctl-redis"
+    }
+    assert "# edited by hand" not in conf.read_text()
+
+
 def test_a_second_concurrent_apply_fails_on_the_lock(deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:
     lock_file = PREFIX / "payctl" / "lock.json"
     env = {**os.environ, "PAYCTL_HOME": str(deployed.home)}
