@@ -12,12 +12,16 @@ machine itself.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 
+from payctl.inventory import Inventory, Node
 from payctl.prom import PromClient, ScrapeTarget
 from payctl.report import ServerSeries
+from payctl.verification import Sampler
 
 #: Metric -> the scrape job that exports it. The structural tests check that every dashboard/alert expression uses
 #: only these (or recording rules), and the lab test that each one exists in a live Prometheus.
@@ -78,7 +82,8 @@ UNITS: Mapping[str, str] = MappingProxyType({
 
 #: The run series of ``payctl verify`` (ServerSeries fields); raw metrics, not 1m rules, so a short run has points.
 RUN_SERIES: Mapping[str, str] = MappingProxyType({
-    "cpu_percent": '(1 - avg by (node) (rate(node_cpu_seconds_total{mode="idle"}[30s]))) * 100',
+    # % of one core, as the report (and the lab's cgroup sampler) counts it: 400 is a busy 4-core node
+    "cpu_percent": 'sum by (node) (rate(node_cpu_seconds_total{mode!="idle"}[30s])) * 100',
     "memory_mb": "sum by (node) (node_memory_MemTotal_bytes - node_memory_MemAvailable_bytes) / 1e6",
     "consumer_lag": "max(payapp_consumer_lag_total)",
 })  # fmt: skip
@@ -165,3 +170,100 @@ class PromSampler:
 
 def unhealthy(targets: Sequence[ScrapeTarget]) -> list[ScrapeTarget]:
     return [t for t in targets if t.health != "up"]
+
+
+def prometheus_node(inv: Inventory) -> Node | None:
+    """The node that carries the monitoring role (Prometheus listens on its private address)."""
+    found = inv.with_role("monitoring")
+    return found[0] if found else None
+
+
+def lab_cgroup_figures(inv: Inventory, interval_s: float = 1.0) -> dict[str, dict[str, float]]:
+    """Per lab host: CPU (% of one core, over ``interval_s``) and memory (MB) from its cgroup; {} when unavailable."""
+    from payctl.errors import PayctlError
+    from payctl.lab import detect_cgroups, layout
+    from payctl.labmetrics import LabSampler
+
+    try:
+        sampler = LabSampler(layout(inv), detect_cgroups())
+    except (PayctlError, OSError):
+        return {}
+    t0 = time.monotonic()
+    sampler.sample(0.0)
+    time.sleep(interval_s)
+    sampler.sample(time.monotonic() - t0)
+    s = sampler.series()
+    out: dict[str, dict[str, float]] = {}
+    for node, pts in s.cpu_percent.items():
+        if pts and pts[-1][1] is not None:
+            out.setdefault(node, {})["cpu"] = round(float(pts[-1][1]), 1)
+    for node, pts in s.memory_mb.items():
+        if pts and pts[-1][1] is not None:
+            out.setdefault(node, {})["memory"] = round(float(pts[-1][1]), 1)
+    return out
+
+
+@dataclass(frozen=True)
+class MonitoringStatus:
+    """``payctl status``'s monitoring part: figures when Prometheus answered, else why not."""
+
+    figures: LiveFigures | None
+    error: str = ""
+    hint: str = ""
+
+
+def status(inv: Inventory, home: Path, lab: bool) -> MonitoringStatus:
+    """Live figures per node from the deployment's Prometheus, through an SSH tunnel to the monitoring node."""
+    from payctl.plan import PORTS
+    from payctl.prom import MonitoringError, tunnel
+
+    node = prometheus_node(inv)
+    if node is None:
+        return MonitoringStatus(None, "no node carries the monitoring role", "monitoring comes with phase 4")
+    try:
+        with tunnel(inv, home, node.name, node.private_address, PORTS["prometheus"]) as client:
+            figures = live_figures(client, f"prometheus on {node.name} ({node.private_address}:{PORTS['prometheus']})")
+    except MonitoringError as exc:
+        return MonitoringStatus(None, exc.message, exc.hint)
+    if lab:
+        figures = with_lab_cgroups(figures, lab_cgroup_figures(inv))
+    return MonitoringStatus(figures)
+
+
+@dataclass
+class CombinedSampler:
+    """The run's server series: lab cgroup CPU/memory where given (``local``), Prometheus for the rest."""
+
+    prom: PromSampler
+    local: Sampler | None = None
+
+    def sample(self, t: float) -> None:
+        self.prom.sample(t)
+        if self.local is not None:
+            self.local.sample(t)
+
+    def series(self) -> ServerSeries:
+        p = self.prom.series()
+        mine = self.local.series() if self.local is not None else ServerSeries()
+        return ServerSeries(cpu_percent=mine.cpu_percent or p.cpu_percent, memory_mb=mine.memory_mb or p.memory_mb,
+                            consumer_lag=p.consumer_lag or mine.consumer_lag)  # fmt: skip
+
+
+@contextmanager
+def run_sampler(inv: Inventory, home: Path, local: Sampler | None = None) -> Iterator[Sampler | None]:
+    """For ``payctl verify``: a sampler reading the deployment's Prometheus over SSH for the run window (open for
+    the whole run), combined with ``local``; just ``local`` when there is no Prometheus to reach."""
+    from payctl.plan import PORTS
+    from payctl.prom import MonitoringError, tunnel
+
+    node = prometheus_node(inv)
+    if node is None:
+        yield local
+        return
+    with ExitStack() as stack:
+        try:
+            client = stack.enter_context(tunnel(inv, home, node.name, node.private_address, PORTS["prometheus"]))
+            reachable = client.ready()
+        except MonitoringError:
+            reachable = False
+        yield CombinedSampler(PromSampler(client), local) if reachable else local
