@@ -99,8 +99,9 @@ class Writer:
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[MariaDB, MariaDB, DbNode, DbNode]]:
     primary = MariaDB(tmp_path / "primary", server_id=1).start()
-    replica = MariaDB(tmp_path / "replica", server_id=2).start()
+    replica = MariaDB(tmp_path / "replica", server_id=2)
     try:
+        replica.start()
         primary.sql("CREATE DATABASE payments; CREATE TABLE payments.payment (id BIGINT PRIMARY KEY, amount INT)"
                     " ENGINE=InnoDB; INSERT INTO payments.payment VALUES (1, 10), (2, 20)")  # fmt: skip
         # The replica's fresh datadir is what a new node has: its own root, nothing else.

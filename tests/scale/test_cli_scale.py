@@ -57,3 +57,22 @@ def test_refusals_exit_2(argv: list[str], message: str, hint: str, capsys: pytes
     err = capsys.readouterr().err
     assert rc == 2
     assert err.splitlines() == [message, hint]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message", "hint"),
+    [
+        (["--promote", "node2"], "error: pass exactly one of --planned and --force",
+         "hint: --planned when the primary is alive, --force when it is gone"),
+        (["--promote", "node2", "--planned", "--force"], "error: pass exactly one of --planned and --force",
+         "hint: --planned when the primary is alive, --force when it is gone"),
+        (["--promote", "node2", "--planned"],
+         "error: payctl failover db changes hosts and asks first, but stdin is not a terminal",
+         "hint: add --yes to go ahead without asking"),
+    ],
+)  # fmt: skip
+def test_failover_db_usage_exit_2(argv: list[str], message: str, hint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = run(["failover", "db", "-i", "ktcloud-2node", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.splitlines() == [message, hint]

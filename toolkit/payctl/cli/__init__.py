@@ -36,6 +36,7 @@ _GROUPS: dict[str, tuple[str, ...]] = {
     "apply": ("phase1", "phase2", "phase3", "phase4", "phase5", "lock"),
     "status": ("status", "logs", "down"),
     "scale": ("scale",),
+    "failover": ("failover",),
 }
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)

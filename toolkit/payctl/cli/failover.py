@@ -1,0 +1,62 @@
+"""`payctl failover db -i INV --promote NODE (--planned | --force) [--yes]`. The work is in ``payctl.dbroles``."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from payctl import dbroles
+from payctl.cli.apply import ConsoleHooks
+from payctl.errors import ConfigError
+from payctl.inventory import load_inventory, resolve_inventory_path
+from payctl.paths import payctl_home
+
+
+def db_cmd(
+    inventory: str = typer.Option(..., "-i", "--inventory", help="Inventory file or bundled name."),
+    promote: str = typer.Option(..., "--promote", help="The replica to make the MariaDB primary."),
+    planned: bool = typer.Option(False, "--planned", help="Switchover with the primary alive: nothing is lost."),
+    force: bool = typer.Option(False, "--force", help="The primary is gone: promote the most advanced replica."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask before changing hosts."),
+) -> None:
+    """Make another node the MariaDB primary, then repoint the app.
+
+    Examples:
+
+      payctl failover db -i lab-2node --promote node2 --planned --yes
+
+      payctl failover db -i ktcloud-2node --promote node2 --force
+    """
+    if planned == force:
+        raise ConfigError("pass exactly one of --planned and --force",
+                          hint="--planned when the primary is alive, --force when it is gone")  # fmt: skip
+    inv = load_inventory(inventory)
+    console = Console(highlight=False, soft_wrap=True)
+    mode: dbroles.Mode = "planned" if planned else "force"
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("payctl failover db changes hosts and asks first, but stdin is not a terminal",
+                              hint="add --yes to go ahead without asking")  # fmt: skip
+        if not typer.confirm(f"{mode} failover: make {promote} the MariaDB primary of '{inv.deployment}'?"):
+            console.print("nothing changed (aborted)")
+            raise typer.Exit(1)
+    hooks = ConsoleHooks(console, yes=True)
+    req = dbroles.FailoverRequest(inv, resolve_inventory_path(inventory), promote, mode, payctl_home().absolute(),
+                                  f"failover db --promote {promote} --{mode}")  # fmt: skip
+    try:
+        result = dbroles.failover_db(req, hooks)
+    finally:
+        hooks.stop()
+    console.print(f"{result.new_primary} is the MariaDB primary (GTID {result.gtid or '-'}); "
+                  f"{result.old_primary} {'fenced/replica' if result.fenced else 'not reachable: fence it on return'}",
+                  markup=False)  # fmt: skip
+    if result.lost_gtids:
+        console.print(f"lost GTIDs (semi-sync had fallen back to async): {result.lost_gtids}", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(help="Fail over the database (and, later, Redis).", no_args_is_help=True)
+    group.command("db")(db_cmd)
+    app.add_typer(group, name="failover")

@@ -1,0 +1,111 @@
+"""``payctl failover db``: the MariaDB failover of ``payctl.failover`` on a deployment's nodes, then the app repointed.
+
+roles       the live roles from the nodes (who is writable now); the nodes that do not answer are listed
+switch      ``failover.switchover`` (--planned) or ``failover.promote`` (--force; the old primary may be gone)
+persist     each DB node's my.cnf rewritten for its new role (the live settings already match: no restart), so a
+            later apply finds nothing to change there and never restarts a database for it
+repoint     ``payctl phaseN apply`` of the deployed phase: the plan follows the live roles, so the app's DB URL now
+            names the new primary (the app programs restart, nothing else changes); a later apply keeps the roles
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from payctl import deploy, failover, hosts, scale
+from payctl.errors import PayctlError
+from payctl.gate import deployed_phase
+from payctl.inventory import Inventory
+from payctl.phase import load_phase
+from payctl.plan import LiveRoles, make_plan
+from payctl.render import REPLICATION_USER, SEMISYNC_TIMEOUT_MS, render
+from payctl.replication import ReplicaSpec
+from payctl.secrets import load_or_create
+
+Mode = Literal["planned", "force"]
+
+
+@dataclass(frozen=True)
+class FailoverRequest:
+    inventory: Inventory
+    inventory_path: Path
+    promote: str
+    mode: Mode
+    home: Path
+    command: str
+
+
+class Progress(Protocol):
+    def step(self, node: str | None, step: str) -> None:
+        """Progress."""
+
+
+class _Quiet:
+    def __init__(self, hooks: Progress) -> None:
+        self.hooks = hooks
+
+    def step(self, node: str | None, step: str) -> None:
+        self.hooks.step(node, step)
+
+    def confirm(self, preview: deploy.Preview) -> bool:
+        return True
+
+
+def _reachable(inv: Inventory, home: Path, names: list[str]) -> list[str]:
+    ok = []
+    for n in names:
+        try:
+            with hosts.connect(inv, home, nodes=[n], timeout=5):
+                ok.append(n)
+        except PayctlError:
+            continue
+    return ok
+
+
+def failover_db(req: FailoverRequest, hooks: Progress) -> failover.FailoverResult:
+    """Switch or promote, persist the roles in my.cnf, repoint the app; raises PayctlError naming what is left."""
+    inv = req.inventory
+    db_nodes = [n.name for n in inv.nodes if "mariadb" in n.roles]
+    if req.promote not in db_nodes:
+        raise scale.ScaleRefused(f"{req.promote} carries no MariaDB (DB nodes: {', '.join(db_nodes)})",
+                                 hint="pass a replica's node name to --promote")  # fmt: skip
+    phase = deployed_phase(inv.deployment, req.home) or 5
+    secrets = load_or_create(req.home, inv.deployment, allow_create=False)
+    clear = {n: secrets[n].reveal() for n in secrets.names()}
+    spec = ReplicaSpec(REPLICATION_USER, clear["mariadb_replication"], (scale.DATABASE,), SEMISYNC_TIMEOUT_MS)
+    hooks.step(None, "live roles")
+    up = _reachable(inv, req.home, db_nodes)
+    if req.promote not in up:
+        raise PayctlError(f"{req.promote} does not answer over SSH", hint="promote a node that is reachable")
+    with hosts.connect(inv, req.home, nodes=up, redact=secrets.redact) as conn:
+        prefixes = {n: inv.node_prefix(n) for n in up}
+        addresses = {n.name: n.private_address for n in inv.nodes}
+        live = deploy.live_roles(deploy.gather_facts(conn, prefixes, addresses))
+        plan = make_plan(inv, load_phase(phase), live_roles=live)
+        nodes = {n: scale.db_node(plan, n, scale.SshIO(conn.host(n))) for n in up}
+        old = live.mariadb_primary
+        if old == req.promote:
+            raise scale.ScaleRefused(f"{req.promote} is already the primary", hint="nothing to do")
+        if req.mode == "planned":
+            if old is None or old not in nodes:
+                raise PayctlError("no reachable writable primary: a planned switchover needs it",
+                                  hint="use --force when the primary is gone")  # fmt: skip
+            result = failover.switchover(nodes[old], nodes[req.promote], spec, lambda s: hooks.step(req.promote, s))
+        else:
+            others = [nodes[n] for n in up if n not in (req.promote, old)]
+            result = failover.promote([nodes[req.promote], *others], nodes.get(old) if old else None, spec,
+                                      step=lambda s: hooks.step(req.promote, s))  # fmt: skip
+            if result.new_primary != req.promote:
+                hooks.step(None, f"{result.new_primary} was more advanced than {req.promote} and was promoted")
+        new_live = LiveRoles(mariadb_primary=result.new_primary, redis_master=live.redis_master)
+        files = render(make_plan(inv, load_phase(phase), live_roles=new_live), clear)
+        for f in files.values():
+            if f.path == "mariadb/my.cnf" and f.node in up:
+                hooks.step(f.node, "my.cnf for its new role (no restart)")
+                scale._swap(conn, f.node, inv.node_prefix(f.node), f.path, f.text, None)
+    hooks.step(None, f"repoint the app: phase {phase} apply follows the live roles")
+    deploy.apply(deploy.ApplyRequest(inv, req.inventory_path, phase, req.home, req.command,
+                                     nodes=tuple(up)), _Quiet(hooks))  # fmt: skip
+    return result
