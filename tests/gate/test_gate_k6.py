@@ -18,8 +18,10 @@ pytestmark = pytest.mark.slow
 def test_gate_passes_at_a_modest_rate_and_writes_the_report(
     payapp_server: PayappServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Latency bounds loosened from phase 1's 150/300 ms: this machine's 2 cores are shared with every other test run.
     rc = run(["verify", "--url", payapp_server.url, "--phase", "1", "--rps", "50", "--duration", "5s",
-              "--warmup", "1s", "--merchants", "20", "--quiet", "--report-dir", str(tmp_path / "r")])  # fmt: skip
+              "--warmup", "1s", "--merchants", "20", "--p95", "1s", "--p99", "2s", "--quiet",
+              "--report-dir", str(tmp_path / "r")])  # fmt: skip
     captured = capsys.readouterr()
     assert rc == 0, captured.out + captured.err
     assert f"gate PASS: report in {tmp_path / 'r'}" in captured.out
@@ -29,7 +31,8 @@ def test_gate_passes_at_a_modest_rate_and_writes_the_report(
     # A shared machine may make k6 drop an iteration or two; the gate allows 2 %.
     assert 49 <= m["achieved_rps"] <= 51 and m["dropped"] <= 5 and m["failed_requests"] == 0
     assert m["functional_passes"] > 200 and m["functional_fails"] == 0
-    assert summary["gate"]["scenario"] == "mixed" and summary["gate"]["p95_ms"] == 150
+    assert summary["gate"]["scenario"] == "mixed" and summary["gate"]["p95_ms"] == 1000
+    assert summary["gate"]["max_error_rate"] == 0.01 and summary["gate"]["mix"]["void"] == 0.05  # from phase 1
     names = [c["name"] for c in summary["criteria"]]
     assert names[:5] == ["achieved rate", "p95 latency", "p99 latency", "error rate", "functional checks"]
     stages = {p["stage"] for p in summary["series"]}
@@ -41,7 +44,7 @@ def test_gate_passes_at_a_modest_rate_and_writes_the_report(
 
 
 def test_full_flow_checks_every_step_and_the_idempotent_replay(payapp_server: PayappServer, tmp_path: Path) -> None:
-    rc = run(["verify", "--url", payapp_server.url, "--rps", "20", "--duration", "3s", "--p95", "150ms",
+    rc = run(["verify", "--url", payapp_server.url, "--rps", "20", "--duration", "3s", "--p95", "1s",
               "--scenario", "full-flow", "--quiet", "--report-dir", str(tmp_path)])  # fmt: skip
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert rc == 0, summary["criteria"]
@@ -116,22 +119,22 @@ def test_missing_or_crashing_k6_is_exit_3(
 def test_find_knee_steps_until_the_gate_fails_and_reports_the_curve(
     payapp_server: PayappServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Two VUs bound what can be offered (the first step leaves each request 100 ms), so the second step fails on
-    # dropped iterations whatever the machine does.
-    rc = run(["verify", "--url", payapp_server.url, "--find-knee", "--from", "20", "--to", "1000", "--step-size",
-              "980", "--max-vus", "2", "--duration", "2s", "--p95", "150ms", "--scenario", "authorize", "--quiet",
-              "--report-dir", str(tmp_path)])  # fmt: skip
+    # Four VUs bound what can be offered: the first step leaves each request 200 ms (and the bounds are loose, as
+    # the machine is shared), the second would need under 2 ms per request, so it fails on dropped iterations.
+    rc = run(["verify", "--url", payapp_server.url, "--find-knee", "--from", "20", "--to", "2000", "--step-size",
+              "1980", "--max-vus", "4", "--duration", "2s", "--p95", "2s", "--p99", "4s", "--scenario", "authorize",
+              "--cooldown", "1s", "--quiet", "--report-dir", str(tmp_path)])  # fmt: skip
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "knee: 20/s" in text and "calibration not stored" in text
     knee = json.loads((tmp_path / "knee.json").read_text())
     assert knee["knee_rps"] == 20
-    assert [s["offered_rps"] for s in knee["steps"]] == [20, 1000]
+    assert [s["offered_rps"] for s in knee["steps"]] == [20, 2000]
     assert [s["passed"] for s in knee["steps"]] == [True, False]
     assert "achieved rate" in knee["steps"][1]["failed"]
     assert knee["fit"]["model"] in ("linear", "amdahl", "usl")
-    for step in ("step-20rps", "step-1000rps"):
-        assert json.loads((tmp_path / step / "summary.json").read_text())["gate"]["rps"] in (20, 1000)
+    for step in ("step-20rps", "step-2000rps"):
+        assert json.loads((tmp_path / step / "summary.json").read_text())["gate"]["rps"] in (20, 2000)
     html = (tmp_path / "report.html").read_text()
     assert "Achieved rate by offered rate" in html and '<path class="series"' in html
 
@@ -142,7 +145,7 @@ def test_a_proxy_in_the_environment_is_never_used(
     # A proxy would be a third host receiving the load: the health check and k6 both go straight to the target.
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
-    rc = run(["verify", "--url", payapp_server.url, "--rps", "10", "--duration", "1s", "--p95", "150ms", "--quiet",
+    rc = run(["verify", "--url", payapp_server.url, "--rps", "10", "--duration", "1s", "--p95", "1s", "--quiet",
               "--report-dir", str(tmp_path)])  # fmt: skip
     assert rc == 0
     assert json.loads((tmp_path / "summary.json").read_text())["measured"]["failed_requests"] == 0
