@@ -73,14 +73,14 @@ class _Conn(http.client.HTTPConnection):
 class PromClient:
     """Prometheus's /api/v1 over whatever ``opener`` connects to."""
 
-    def __init__(self, opener: Opener, host: str = "prometheus", timeout: float = 10.0) -> None:
+    def __init__(self, opener: Opener, where: str = "prometheus", timeout: float = 10.0) -> None:
         self._opener = opener
-        self._host = host
+        self._host = where  # for messages only; the HTTP Host header is always "prometheus"
         self._timeout = timeout
 
     def _get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         url = path + ("?" + urlencode(params) if params else "")
-        conn = _Conn(self._opener, self._host, self._timeout)
+        conn = _Conn(self._opener, "prometheus", self._timeout)
         try:
             conn.request("GET", url, headers={"Accept": "application/json"})
             resp = conn.getresponse()
