@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from payctl import lab
+from payctl import lab, lock
 from payctl.cli import run
 from payctl.inventory import Inventory, load_inventory
 from tests.support.services import wait_until
@@ -228,6 +228,35 @@ def test_a_second_concurrent_apply_fails_on_the_lock(deployed: Deployed, capsys:
         out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out
     assert not lock_file.exists()
+
+
+def test_stale_lock_status_release_and_break_lock(deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:
+    def node_shell(command: str) -> tuple[bool, str, str]:  # lab hosts share this filesystem
+        proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=False)
+        return proc.returncode == 0, proc.stdout, proc.stderr
+
+    stale = lock.new_info("lab", "payctl phase1 apply (killed)")
+    lock.acquire(node_shell, str(PREFIX), stale, node="node1")
+    assert run(["lock", "status", "-i", "lab-1node"]) == 0
+    assert "locked on node1 by" in capsys.readouterr().out
+    assert run(["lock", "release", "-i", "lab-1node", "--yes"]) == 0
+    assert "released the lock of" in capsys.readouterr().out
+    assert lock.status(node_shell, str(PREFIX)) is None
+    lock.acquire(node_shell, str(PREFIX), stale, node="node1")
+    assert run([*APPLY, "--break-lock"]) == 0
+    assert "broke the deploy lock of" in capsys.readouterr().out
+    assert lock.status(node_shell, str(PREFIX)) is None
+
+
+def test_dry_run_on_the_lab_reads_real_facts_and_changes_nothing(
+    deployed: Deployed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    audit_lines = len((deployed.home / "lab" / "audit.jsonl").read_text().splitlines())
+    assert run(["phase1", "apply", "-i", "lab-1node", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: operations phase 1 would run" in out and "write app.env  (no change)" in out
+    assert "phase 1 on deployment lab: nothing to change" in out
+    assert len((deployed.home / "lab" / "audit.jsonl").read_text().splitlines()) == audit_lines
 
 
 def _variant(deployed: Deployed, tmp_path: Path, **ssh: object) -> Path:

@@ -115,10 +115,6 @@ class ApplyResult:
         return [f"{w.node}/{p}" for w in self.preview.work for p in (*w.restart, *w.reload)]
 
 
-class Aborted(PayctlError):
-    exit_code = 1
-
-
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
