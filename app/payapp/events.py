@@ -370,14 +370,17 @@ async def _group_offsets(admin: AIOKafkaAdminClient, group: str) -> dict[TopicPa
 
 async def acquire_lease(conn: asyncmy.Connection, name: str, owner: str, ttl_s: float) -> bool:
     """Take or renew lease ``name`` for ``owner``; True when ``owner`` holds it now (database clock)."""
+    take = ("UPDATE lease SET owner = %s, expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND"
+            " WHERE name = %s AND (owner = %s OR expires_at < UTC_TIMESTAMP(6))")
+    args = (owner, int(ttl_s * 1_000_000), name, owner)
+    if (await db.execute(conn, take, *args)).rowcount == 1:
+        return True
+    # Held by someone else, or the row does not exist yet (asyncmy logs a warning for every ignored duplicate,
+    # so the insert is only tried when the update found nothing to take).
+    if (await db.execute(conn, "SELECT 1 FROM lease WHERE name = %s", name)).rows:
+        return False
     await db.execute(conn, "INSERT IGNORE INTO lease (name, owner, expires_at) VALUES (%s, '', '1970-01-01')", name)
-    res = await db.execute(
-        conn,
-        "UPDATE lease SET owner = %s, expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND"
-        " WHERE name = %s AND (owner = %s OR expires_at < UTC_TIMESTAMP(6))",
-        owner, int(ttl_s * 1_000_000), name, owner,
-    )
-    return res.rowcount == 1
+    return (await db.execute(conn, take, *args)).rowcount == 1
 
 
 async def release_lease(conn: asyncmy.Connection, name: str, owner: str) -> None:
