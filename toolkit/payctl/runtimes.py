@@ -476,6 +476,9 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
             continue
         ops.add(f"stop and disable Debian's {svc}", systemd.service, service=svc, running=False, enabled=False)
     _directories(ops, ctx, p)
+    if ctx.node.mariadb is not None:  # mariadbd drops to the mysql user on VMs (--user=mysql)
+        ops.add("data/mariadb/ owned by mysql", files.directory, path=f"{p}/data/mariadb", user="mysql",
+                group="mysql", mode="700")  # fmt: skip
     rendered = {k: v for k, v in ctx.files.items() if not k.startswith("systemd/")}
     units = {k: v for k, v in ctx.files.items() if k.startswith("systemd/")}
     changed = _put_rendered(ops, replace(ctx, files=rendered), p)
