@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,16 @@ from tests.app.conftest import (  # noqa: F401 - fixtures are used by name
 from tests.support.services import MariaDB, Redis
 
 ERROR_KEYS = {"code", "message", "paymentId"}
+
+
+@pytest.fixture(autouse=True)
+def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """An in-process app that hit an unexpected exception logs it (with its traceback) even when the client got a
+    tidy answer: no hostile test may leave such a record."""
+    yield
+    bad = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR
+           and r.name.startswith(("payapp", "aiohttp"))]
+    assert not bad, [f"{r.name}: {r.getMessage()}" for r in bad]
 
 
 def check_error(status: int, body: bytes, content_type: str, want_status: int, want_code: str) -> dict[str, Any]:
@@ -76,6 +87,7 @@ def running_server(mariadb: MariaDB, redis_server: Redis, log_dir: Path,
     finally:
         proc.stop()
         mariadb.sql(f"DROP DATABASE IF EXISTS {database.name}")
+    assert "Traceback" not in proc.output(), proc.output()[-3000:]  # whatever the clients saw
 
 
 @pytest.fixture(scope="module")
