@@ -172,11 +172,14 @@ async def run_once(conn: asyncmy.Connection, s: EventSettings, *, day: date | No
 
 async def claim_hour(conn: asyncmy.Connection, slot: str) -> bool:
     """Claim hourly slot ``slot`` (e.g. 2026-11-25T14); exactly one caller gets True per slot."""
+    claim = "UPDATE lease SET slot = %s, owner = %s WHERE name = %s AND (slot IS NULL OR slot < %s)"
+    if (await db.execute(conn, claim, slot, slot, SCHEDULE, slot)).rowcount == 1:
+        return True
+    if (await db.execute(conn, "SELECT 1 FROM lease WHERE name = %s", SCHEDULE)).rows:
+        return False
     await db.execute(conn, "INSERT IGNORE INTO lease (name, owner, expires_at) VALUES (%s, '', '1970-01-01')",
                      SCHEDULE)
-    res = await db.execute(conn, "UPDATE lease SET slot = %s, owner = %s WHERE name = %s"
-                                 " AND (slot IS NULL OR slot < %s)", slot, slot, SCHEDULE, slot)
-    return res.rowcount == 1
+    return (await db.execute(conn, claim, slot, slot, SCHEDULE, slot)).rowcount == 1
 
 
 async def schedule(conn: asyncmy.Connection, s: EventSettings, stop: asyncio.Event) -> list[Report]:
