@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from payapp import api, db, openapi
@@ -54,14 +56,36 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await pool.wait_closed()
 
 
+def redis_client(settings: Settings) -> aioredis.Redis:
+    """The Redis client: straight to REDIS_URL, or, with REDIS_SENTINELS, to the master the Sentinels name now.
+
+    Through Sentinel the connection pool asks the Sentinels for the master on every new connection, so after a
+    failover the broken connections are replaced by connections to the promoted replica.
+    """
+    timeouts = {"socket_timeout": REDIS_TIMEOUT_SECONDS, "socket_connect_timeout": REDIS_TIMEOUT_SECONDS}
+    retry = Retry(NoBackoff(), 0)  # the limiter's fallback is the retry
+    if not settings.redis_sentinels:
+        return aioredis.Redis.from_url(settings.redis_url, retry=retry, socket_timeout=REDIS_TIMEOUT_SECONDS,
+                                       socket_connect_timeout=REDIS_TIMEOUT_SECONDS)  # fmt: skip
+    url = urlsplit(settings.redis_url)
+    sentinel_auth = {"username": settings.redis_sentinel_user or None,
+                     "password": settings.redis_sentinel_password or None}  # fmt: skip
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(settings.redis_sentinels), sentinel_kwargs={**sentinel_auth, **timeouts}, **timeouts
+    )
+    client: aioredis.Redis = sentinel.master_for(
+        settings.redis_sentinel_master,
+        username=unquote(url.username) if url.username else None,
+        password=unquote(url.password) if url.password else None,
+        db=int(url.path.lstrip("/") or 0),
+        retry=retry,
+    )
+    return client
+
+
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    client = aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=REDIS_TIMEOUT_SECONDS,
-        socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-        retry=Retry(NoBackoff(), 0),  # the limiter's fallback is the retry
-    )
+    client = redis_client(settings)
     app[REDIS] = client
     limits = {action: settings.rate_limit(action) for action in ("authorize", "capture", "refund", "void")}
     app[LIMITER] = RateLimiter(client, limits, settings.workers, settings.rate_limit_fail == "open", app[METRICS])

@@ -72,6 +72,11 @@ class Settings:
     metrics_dir: str
     log_level: str
     access_log: bool
+    # Redis through Sentinel (phase 5): the master's address comes from the Sentinels; REDIS_URL gives user/password/db.
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = "payctl"
+    redis_sentinel_user: str = ""
+    redis_sentinel_password: str = ""
 
     @property
     def db(self) -> DbTarget:
@@ -172,6 +177,16 @@ def _redis_url(raw: str) -> str:
     if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
         raise ValueError("expected redis://[:password@]host:port/db")
     return raw
+
+
+def _sentinels(raw: str) -> tuple[tuple[str, int], ...]:
+    out: list[tuple[str, int]] = []
+    for item in (x.strip() for x in raw.split(",") if x.strip()):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port,... (bad entry {item!r})")
+        out.append((host, int(port)))
+    return tuple(out)
 
 
 def _int_range(lo: int, hi: int) -> Callable[[str], int]:
@@ -288,6 +303,11 @@ SPECS: tuple[Spec, ...] = (
          "prometheus multiprocess directory; `payapp serve` uses a fresh temporary one when empty"),
     Spec("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "info", "log level"),
     Spec("ACCESS_LOG", "access_log", _bool, "off", "log every request (costs throughput)"),
+    Spec("REDIS_SENTINELS", "redis_sentinels", _sentinels, "",
+         "Sentinels (host:port,...); when set, the Redis master is found through them and REDIS_URL's host is unused"),
+    Spec("REDIS_SENTINEL_MASTER", "redis_sentinel_master", _str, "payctl", "the master name the Sentinels monitor"),
+    Spec("REDIS_SENTINEL_USER", "redis_sentinel_user", _str, "", "ACL user for the Sentinels (empty: none)"),
+    Spec("REDIS_SENTINEL_PASSWORD", "redis_sentinel_password", _str, "", "password of that Sentinel user"),
 )
 
 assert {s.field for s in SPECS} == {f.name for f in fields(Settings)}, "SPECS and Settings disagree"

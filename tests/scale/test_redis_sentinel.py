@@ -1,0 +1,150 @@
+"""payapp through Redis Sentinel: a real master, replica and three Sentinels (their own password) on loopback.
+kill -9 of the master: Sentinel promotes the replica, the app's client reconnects to it, and the shared rate limit
+keeps counting (on the new master) and keeps refusing over the limit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from payapp.app import redis_client
+from payapp.errors import ApiError, ConfigError
+from payapp.metrics import Metrics
+from payapp.ratelimit import RateLimiter
+from payapp.settings import Settings
+from tests.support.services import Redis, free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+PW = "redis-pw"
+SENTINEL_PW = "sentinel-pw"
+
+
+@dataclass
+class Proc:
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def _start(conf: Path, text: str, *argv: str) -> Proc:
+    conf.write_text(text)
+    return Proc(subprocess.Popen([*argv, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True))  # fmt: skip
+
+
+@dataclass
+class Cluster:
+    master: Redis
+    replica_port: int
+    sentinel_ports: list[int]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    master = Redis(tmp_path / "master", password=PW).start()
+    procs: list[Proc] = []
+    try:
+        rport = free_port()
+        (tmp_path / "replica").mkdir()
+        rconf = (f"bind 127.0.0.1\nport {rport}\ndir {tmp_path / 'replica'}\nrequirepass {PW}\n"
+                 f"masterauth {PW}\nreplicaof 127.0.0.1 {master.port}\nsave \"\"\n")  # fmt: skip
+        procs.append(_start(tmp_path / "replica" / "redis.conf", rconf, "redis-server"))
+        sports = [free_port() for _ in range(3)]
+        for i, port in enumerate(sports):
+            d = tmp_path / f"sentinel{i}"
+            d.mkdir()
+            procs.append(_start(d / "sentinel.conf",
+                                f"bind 127.0.0.1\nport {port}\ndir {d}\nrequirepass {SENTINEL_PW}\n"
+                                f"sentinel sentinel-pass {SENTINEL_PW}\n"
+                                f"sentinel monitor payctl 127.0.0.1 {master.port} 2\n"
+                                f"sentinel auth-pass payctl {PW}\n"
+                                "sentinel down-after-milliseconds payctl 1000\n"
+                                "sentinel failover-timeout payctl 10000\n", "redis-sentinel"))  # fmt: skip
+
+        def ready() -> bool:
+            try:
+                s = redis.Redis(port=sports[0], password=SENTINEL_PW, socket_timeout=1)
+                m = s.sentinel_master("payctl")
+                assert isinstance(m, dict)
+                return int(m["num-other-sentinels"]) == 2 and int(m["num-slaves"]) == 1
+            except (redis.RedisError, OSError, KeyError):
+                return False
+
+        wait_until(ready, 30, "three Sentinels that see each other and the replica")
+        yield Cluster(master, rport, sports)
+    finally:
+        for p in procs:
+            p.stop()
+        master.stop()
+
+
+def _settings(c: Cluster) -> Settings:
+    env = {
+        "PAYAPP_DB_URL": "mysql://app:pw@127.0.0.1:1/payments",
+        "PAYAPP_REDIS_URL": f"redis://:{PW}@127.0.0.1:1/0",  # the host is unused: Sentinel names the master
+        "PAYAPP_REDIS_SENTINELS": ",".join(f"127.0.0.1:{p}" for p in c.sentinel_ports),
+        "PAYAPP_REDIS_SENTINEL_MASTER": "payctl",
+        "PAYAPP_REDIS_SENTINEL_PASSWORD": SENTINEL_PW,
+    }
+    return Settings.from_env(env)
+
+
+def test_settings_parse_sentinels() -> None:
+    s = Settings.from_env({"PAYAPP_DB_URL": "mysql://a:b@h:1/d", "PAYAPP_REDIS_SENTINELS": "10.77.0.11:26379, x:1"})
+    assert s.redis_sentinels == (("10.77.0.11", 26379), ("x", 1)) and s.redis_sentinel_master == "payctl"
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"PAYAPP_DB_URL": "mysql://a:b@h:1/d", "PAYAPP_REDIS_SENTINELS": "h:none"})
+    assert info.value.problems == ["PAYAPP_REDIS_SENTINELS='h:none': expected host:port,... (bad entry 'h:none')"]
+
+
+def test_master_killed_sentinel_promotes_app_reconnects_limit_holds(cluster: Cluster) -> None:
+    settings = _settings(cluster)
+
+    async def scenario() -> tuple[int, list[bool]]:
+        client = redis_client(settings)
+        limiter = RateLimiter(client, {"authorize": 5}, 1, False, Metrics(), retry_seconds=0.2)
+        try:
+            assert [(await limiter.check("authorize", "m1")).allowed for _ in range(6)] == [True] * 5 + [False]
+            # The master dies (SIGKILL): no goodbye to its clients or the Sentinels.
+            assert cluster.master.proc is not None
+            os.kill(cluster.master.proc.pid, signal.SIGKILL)
+            cluster.master.proc.wait(10)
+            failures = 0
+            deadline = time.monotonic() + 40
+            while True:
+                try:
+                    first = await limiter.check("authorize", "m2")
+                    break
+                except ApiError as exc:  # fail closed: 503 while there is no master
+                    assert exc.status == 503
+                    failures += 1
+                    assert time.monotonic() < deadline, "no master after 40 s"
+                    await asyncio.sleep(0.2)
+            assert first.allowed
+            after = [(await limiter.check("authorize", "m2")).allowed for _ in range(5)]
+            return failures, after
+        finally:
+            await client.aclose()
+
+    failures, after = asyncio.run(scenario())
+    assert failures > 0  # the outage was seen (the test is not vacuous)
+    assert after == [True] * 4 + [False]  # the limit still holds: 5 per minute, counted on the new master
+    s = redis.Redis(port=cluster.sentinel_ports[1], password=SENTINEL_PW, socket_timeout=1)
+    addr = s.sentinel_get_master_addr_by_name("payctl")
+    assert isinstance(addr, tuple) and int(addr[1]) == cluster.replica_port
+    promoted = redis.Redis(port=cluster.replica_port, password=PW, socket_timeout=1)
+    assert promoted.info("replication")["role"] == "master"
+    assert int(promoted.get("payapp:rl:authorize:m2") or 0) == 6
