@@ -4,22 +4,26 @@ roles       the live roles from the nodes (who is writable now); the nodes that 
 switch      ``failover.switchover`` (--planned) or ``failover.promote`` (--force; the old primary may be gone)
 persist     each DB node's my.cnf rewritten for its new role (the live settings already match: no restart), so a
             later apply finds nothing to change there and never restarts a database for it
-repoint     ``payctl phaseN apply`` of the deployed phase: the plan follows the live roles, so the app's DB URL now
-            names the new primary (the app programs restart, nothing else changes); a later apply keeps the roles
+repoint     each app node in turn: app.env rendered from the new live roles (its DB URL names the new primary), the
+            app programs restarted (payapp drains in-flight requests on SIGTERM; nginx sends new ones to the other
+            node meanwhile), its /health waited for. A later ``phaseN apply`` plans from the same live roles, so it
+            finds app.env unchanged and never undoes the failover
 """
 
 from __future__ import annotations
 
+import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from payctl import deploy, failover, hosts, scale
+from payctl import components, deploy, failover, hosts, scale
 from payctl.errors import PayctlError
 from payctl.gate import deployed_phase
 from payctl.inventory import Inventory
 from payctl.phase import load_phase
-from payctl.plan import LiveRoles, make_plan
+from payctl.plan import PORTS, LiveRoles, make_plan
 from payctl.render import REPLICATION_USER, SEMISYNC_TIMEOUT_MS, render
 from payctl.replication import ReplicaSpec
 from payctl.secrets import load_or_create
@@ -42,17 +46,6 @@ class Progress(Protocol):
         """Progress."""
 
 
-class _Quiet:
-    def __init__(self, hooks: Progress) -> None:
-        self.hooks = hooks
-
-    def step(self, node: str | None, step: str) -> None:
-        self.hooks.step(node, step)
-
-    def confirm(self, preview: deploy.Preview) -> bool:
-        return True
-
-
 def _reachable(inv: Inventory, home: Path, names: list[str]) -> list[str]:
     ok = []
     for n in names:
@@ -62,6 +55,26 @@ def _reachable(inv: Inventory, home: Path, names: list[str]) -> list[str]:
         except PayctlError:
             continue
     return ok
+
+
+def _repoint(conn: hosts.Connected, node: str, prefix: str, address: str, env_text: str) -> None:
+    shell = deploy.shell_of(conn.host(node))
+    scale._swap(conn, node, prefix, "app.env", env_text, None)
+    conf = shlex.quote(f"{prefix}/supervisor/supervisord.conf")
+    programs = " ".join(components.APP_PROGRAMS)
+    _, out, err = shell(
+        f"if [ -S {shlex.quote(prefix + '/run/supervisor.sock')} ]; then supervisorctl -c {conf} restart {programs}; "
+        f"else systemctl restart {programs}; fi"
+    )
+    if "ERROR" in out and "no such process" not in out:
+        raise PayctlError(f"{node}: restarting the app failed: {out.strip()[:300]} {err.strip()[:200]}")
+    deadline = time.monotonic() + 60
+    url = f"http://{address}:{PORTS['app']}/health"
+    while not shell(f"curl -fsS -m 2 {shlex.quote(url)}")[0]:
+        if time.monotonic() > deadline:
+            raise PayctlError(f"{node}: the app did not answer {url} within 60 s after the repoint",
+                              hint="payctl logs -i INV --node NODE --component app")  # fmt: skip
+        time.sleep(0.5)
 
 
 def failover_db(req: FailoverRequest, hooks: Progress) -> failover.FailoverResult:
@@ -100,12 +113,14 @@ def failover_db(req: FailoverRequest, hooks: Progress) -> failover.FailoverResul
             if result.new_primary != req.promote:
                 hooks.step(None, f"{result.new_primary} was more advanced than {req.promote} and was promoted")
         new_live = LiveRoles(mariadb_primary=result.new_primary, redis_master=live.redis_master)
-        files = render(make_plan(inv, load_phase(phase), live_roles=new_live), clear)
+        new_plan = make_plan(inv, load_phase(phase), live_roles=new_live)
+        files = render(new_plan, clear)
         for f in files.values():
             if f.path == "mariadb/my.cnf" and f.node in up:
                 hooks.step(f.node, "my.cnf for its new role (no restart)")
                 scale._swap(conn, f.node, inv.node_prefix(f.node), f.path, f.text, None)
-    hooks.step(None, f"repoint the app: phase {phase} apply follows the live roles")
-    deploy.apply(deploy.ApplyRequest(inv, req.inventory_path, phase, req.home, req.command,
-                                     nodes=tuple(up)), _Quiet(hooks))  # fmt: skip
+        for node in new_plan.active_nodes:
+            if node.name in up and node.app is not None and f"{node.name}/app.env" in files:
+                hooks.step(node.name, "repoint the app at the new primary (app.env, restart, /health)")
+                _repoint(conn, node.name, node.prefix, node.private_address, files[f"{node.name}/app.env"].text)
     return result
