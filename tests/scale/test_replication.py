@@ -58,6 +58,15 @@ def test_replica_added_online_under_writes(pair: tuple[MariaDB, MariaDB, DbNode,
     assert replica.sql("SELECT amount FROM payments.payment WHERE id = 99999").strip() == "1"
     state = replication.replica_state(r)
     assert state.read_only and state.source == f"127.0.0.1:{primary.port}" and state.lag_s == 0
+    # payctl status's view of both nodes.
+    local = r.io.run
+    summary = replication.role_summary(local, "node1", "/nonexistent", "127.0.0.1", primary.port, p.client)
+    assert summary == {"mariadb": f"primary, GTID {primary.sql('SELECT @@gtid_binlog_pos').strip()}",
+                       "semi-sync": "ON (1 replica(s) acknowledging)"}  # fmt: skip
+    summary = replication.role_summary(local, "node2", "/nonexistent", "127.0.0.1", replica.port, r.client)
+    assert summary["mariadb"].startswith(f"replica of 127.0.0.1:{primary.port}, lag 0 s, GTID 0-1-")
+    assert summary["mariadb"].endswith("IO Yes, SQL Yes")
+    assert replication.role_summary(local, "x", "/nonexistent", "127.0.0.1") == {}  # no server: nothing claimed
     # Running it again finds the replica attached: nothing is seeded again.
     again = replication.add_replica(p, r, SPEC)
     assert not again.seeded and again.semisync_clients == 1

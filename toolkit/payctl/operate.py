@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from payctl import audit, hosts, lock, runtimes
+from payctl import audit, hosts, lock, replication, runtimes
 from payctl.deploy import shell_of
 from payctl.errors import ConfigError, DeployError
 from payctl.inventory import Inventory
@@ -122,6 +122,7 @@ def status(inv: Inventory, home: Path, lab: bool) -> list[NodeStatus]:
                 shell = shell_of(conn.host(node.name))
                 _, out, _ = shell(_status_script(prefix, node.private_address, lab))
                 _, facts_out, _ = shell(runtimes.facts_script(prefix, node.private_address))
+                replication_roles = replication.role_summary(shell, node.name, prefix, node.private_address)
         except DeployError as exc:
             rows.append(NodeStatus(node.name, node.address, False, exc.message))
             continue
@@ -132,6 +133,7 @@ def status(inv: Inventory, home: Path, lab: bool) -> list[NodeStatus]:
             roles["mariadb"] = "replica" if facts.mariadb_read_only else "primary"
         if facts.redis_role:
             roles["redis"] = facts.redis_role
+        roles.update(replication_roles)  # role with replication lag, GTID and semi-sync (payctl.replication)
         if lab:
             programs = tuple(parse_supervisor_status(sec.get("programs", "")))
         else:

@@ -201,7 +201,8 @@ class _Undo:
         return failed
 
 
-def _mkworkdir(node: DbNode) -> None:
+def ensure_workdir(node: DbNode) -> None:
+    """The 0700 directory for the temporary 0600 files."""
     ok, out, err = node.io.run(f"mkdir -p {shlex.quote(node.workdir)} && chmod 700 {shlex.quote(node.workdir)}")
     if not ok:
         raise ReplicationError(f"{node.name}: cannot create {node.workdir}: {(err or out).strip()}")
@@ -250,8 +251,8 @@ def add_replica(primary: DbNode, replica: DbNode, spec: ReplicaSpec, step: Step 
     note(f"preflight: {primary.name} is a writable primary with binlog, {replica.name} is fresh")
     attached = preflight(primary, replica, spec)
     try:
-        _mkworkdir(primary)
-        _mkworkdir(replica)
+        ensure_workdir(primary)
+        ensure_workdir(replica)
         if not attached:
             note(f"replication user on {primary.name} (REPLICATION SLAVE only, from {replica.address})")
             existed = scalar(primary, f"SELECT COUNT(*) FROM mysql.user WHERE User={_q(spec.user)} "
@@ -394,3 +395,39 @@ def replica_state(node: DbNode) -> ReplicaState:
         semisync_master=ss.get("Rpl_semi_sync_master_status", ""),
         semisync_clients=int(ss.get("Rpl_semi_sync_master_clients", "0") or 0),
     )
+
+
+class ShellIO:
+    """Read-only ``NodeIO`` over a plain shell function (``payctl status``): writing files is refused."""
+
+    def __init__(self, shell: Callable[[str], tuple[bool, str, str]]) -> None:
+        self.shell = shell
+
+    def run(self, command: str) -> tuple[bool, str, str]:
+        return self.shell(command)
+
+    def put_private(self, path: str, text: str) -> None:
+        raise ReplicationError("read-only access: no file may be written here")
+
+
+def role_summary(shell: Callable[[str], tuple[bool, str, str]], name: str, prefix: str, address: str,
+                 port: int = 3306, client: str | None = None) -> dict[str, str]:  # fmt: skip
+    """For ``payctl status``: the node's MariaDB role with replication lag (seconds and GTID) and semi-sync state.
+
+    Empty when no MariaDB answers on the node's socket.
+    """
+    client = client or f"mariadb --socket={shlex.quote(prefix + '/run/mariadb.sock')} -uroot"
+    node = DbNode(name, address, port, client, f"{prefix}/payctl/tmp", ShellIO(shell))
+    try:
+        s = replica_state(node)
+    except PayctlError:
+        return {}
+    if s.source:
+        lag = f"{s.lag_s} s" if s.lag_s is not None else "unknown"
+        return {"mariadb": f"replica of {s.source}, lag {lag}, GTID {s.gtid_binlog_pos or '-'}, "
+                           f"IO {s.io_running}, SQL {s.sql_running}"}  # fmt: skip
+    out = {"mariadb": f"{'read-only, replicates from nobody' if s.read_only else 'primary'}, "
+                      f"GTID {s.gtid_binlog_pos or '-'}"}  # fmt: skip
+    if s.semisync_master:
+        out["semi-sync"] = f"{s.semisync_master} ({s.semisync_clients} replica(s) acknowledging)"
+    return out
