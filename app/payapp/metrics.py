@@ -21,6 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+RATE_LIMITED = ("authorize", "capture", "refund", "void")
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -38,6 +39,9 @@ class Metrics:
         self.ratelimit_fallback = Counter(
             "payapp_ratelimit_fallback", "Rate-limit decisions taken by the local per-worker limiter (Redis down)",
             ["action"], registry=r)
+        for action in RATE_LIMITED:  # zero from the start, so the series exist before the first 429
+            self.ratelimit_rejected.labels(action)
+            self.ratelimit_fallback.labels(action)
         self.redis_errors = Counter("payapp_ratelimit_redis_errors", "Failed calls to Redis by the rate limiter",
                                     registry=r)
         self.idempotent_replays = Counter("payapp_idempotent_replays", "Responses replayed for a repeated key",

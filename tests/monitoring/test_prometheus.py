@@ -44,6 +44,7 @@ def test_app_metrics_are_totals_of_all_workers(stack: Stack) -> None:
             text = s.get(url + "/metrics", timeout=5).text
         seen.add(_count(text) - before)
         for name in ("payapp_db_pool_size", "payapp_db_pool_in_use", "payapp_db_pool_waiting",
+                     'payapp_ratelimit_rejected_total{action="authorize"} 0.0', "payapp_ratelimit_fallback_total",
                      "payapp_http_request_duration_seconds_bucket"):  # fmt: skip
             assert name in text
     assert seen == {40.0}
