@@ -45,6 +45,7 @@ READERS: Mapping[str, Reader] = MappingProxyType({
     "kafka/*.properties": Reader(("payctl-kafka",)),
     KAFKA_LIB: Reader(("payctl-kafka",)),
     "nginx/nginx.conf": Reader(("payctl-nginx",), "reload"),
+    "nginx/tls/*": Reader(("payctl-nginx",), "reload"),  # certificate and key (payctl.tls): SIGHUP re-reads them
     "app.env": Reader(APP_PROGRAMS),
     VENV: Reader(APP_PROGRAMS),
     "prometheus/prometheus.yml": Reader(("payctl-prometheus",), "reload"),

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pyinfra.api.state import BaseStateCallback, State
 
-from payctl import audit, hosts, lock, runtimes
+from payctl import audit, hosts, lock, runtimes, tls
 from payctl.errors import DeployError, PayctlError
 from payctl.inventory import Inventory
 from payctl.phase import load_phase
 from payctl.plan import PORTS, LiveRoles, Plan, make_plan
-from payctl.render import RenderedFile, is_lab, render
+from payctl.render import FileKind, RenderedFile, is_lab, render
 from payctl.secrets import SECRET_NAMES, Secrets, load_or_create, secrets_path
 from payctl.wheelhouse import Wheelhouse, app_source, build
 
@@ -183,6 +183,9 @@ def _check_secrets(facts: Mapping[str, runtimes.NodeFacts], fingerprint: str, pa
 
 def _diff(node: str, f: RenderedFile, current: str | None, redact: Callable[[str], str]) -> FileDiff:
     new = current is None
+    if f.kind is FileKind.TLS_KEY:  # a private key is never shown, not even redacted line by line
+        what = "added" if new else "changed"
+        return FileDiff(node, f.path, new, f"{node}:{f.path}: private key {what} (not shown)\n")
     lines = difflib.unified_diff(
         redact(current or "").splitlines(keepends=True),
         redact(f.text).splitlines(keepends=True),
@@ -304,6 +307,8 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
     hooks.step(None, "render")
     clear = {n: secrets[n].reveal() for n in secrets.names()} if secrets else None
     rendered = render(plan, clear)
+    # The lb node's TLS certificate and key (when the inventory turns TLS on) ship like rendered files.
+    rendered.update({f.key: f for f in tls.node_files(plan, inv, req.home, dry_run=req.dry_run)})
     house: Wheelhouse | None = None
     if inv.runtime == "native" and any(n.app or n.relay or n.consumer for n in plan.active_nodes):
         hooks.step(None, "wheelhouse (pip wheel ./app, cached by content hash)")
@@ -384,7 +389,7 @@ def _supervisor_states(shell: lock.Shell, prefix: str) -> dict[str, str]:
 
 def _http(shell: lock.Shell, url: str) -> tuple[bool, str]:
     """GET from the node itself; healthy means HTTP 2xx and, for a JSON body with a status, ``"status": "ok"``."""
-    ok, out, err = shell(f"curl -fsS -m 3 {shlex.quote(url)}")
+    ok, out, err = shell(f"curl -fsS -m 3 {'-k ' if url.startswith('https:') else ''}{shlex.quote(url)}")
     body = (out or err).strip()
     if ok:
         try:
@@ -433,7 +438,9 @@ def check_health(
         checks: list[tuple[str, str]] = []
         if node.app is not None:
             checks.append(("app /health", f"http://{node.private_address}:{PORTS['app']}/health"))
-        if node.nginx is not None:
+        if node.nginx is not None and node.nginx.tls:  # HTTP only redirects then; the pair may be self-signed (-k)
+            checks.append(("nginx → app /health", f"https://{node.nginx.listen_address}:{PORTS['https']}/health"))
+        elif node.nginx is not None:
             checks.append(("nginx → app /health", f"http://{node.nginx.listen_address}:{PORTS['http']}/health"))
         for name, url in checks:
             ok, detail = False, ""

@@ -18,7 +18,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from payctl.errors import ConfigError
@@ -229,6 +229,52 @@ class Overrides(BaseModel):
         return v
 
 
+class TLS(BaseModel):
+    """HTTPS at the load balancer (nginx on the `lb` node). Off: plain HTTP on 80. On: HTTPS on 443 (TLSv1.2 and
+    TLSv1.3 only, HSTS) and HTTP on 80 answers only with a redirect to HTTPS."""
+
+    model_config = _FROZEN
+
+    enabled: bool = Field(default=False, description="Serve HTTPS on 443 and redirect HTTP on 80 to it.")
+    certificate: str | None = Field(
+        default=None,
+        description="Local PEM certificate (with its chain) that payctl ships to the lb node: absolute, `~/...`, or "
+        "relative to PAYCTL_HOME. Absent (with `key`): a self-signed pair is generated under "
+        "PAYCTL_HOME/<deployment>/tls/ (for labs). Need not exist for plan/render/dry-run.",
+    )
+    key: str | None = Field(
+        default=None,
+        description="Local PEM private key of `certificate`, same path rules; shipped with mode 0600. Need not exist "
+        "for plan/render/dry-run.",
+    )
+
+    @field_validator("certificate", "key")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if v.startswith("~/"):
+            return "~/" + _check_path(v[2:], absolute=False)
+        return _check_path(v, absolute=False)
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLS:
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("give both certificate and key, or neither (a self-signed pair is then generated)")
+        return self
+
+    def certificate_path(self, home: Path | None = None) -> Path | None:
+        return None if self.certificate is None else _local_path(self.certificate, home)
+
+    def key_path(self, home: Path | None = None) -> Path | None:
+        return None if self.key is None else _local_path(self.key, home)
+
+
+def _local_path(value: str, home: Path | None) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (home or payctl_home()) / p
+
+
 class Inventory(BaseModel):
     """The hosts of one deployment and how to run on them."""
 
@@ -246,6 +292,7 @@ class Inventory(BaseModel):
     target_rps: int = Field(..., gt=0, le=1_000_000, description="Requests per second the deployment must carry.")
     prefix: str = Field(default="/opt/payctl", description="Directory for configs, data, logs on every node.")
     overrides: Overrides = Field(default=Overrides(), description="Replace the plan's own choices.")
+    tls: TLS = Field(default=TLS(), description="HTTPS at the load balancer (see below); default off.")
     nodes: tuple[Node, ...] = Field(..., min_length=1, description="The hosts (a list).")
 
     @field_validator("deployment")
@@ -305,6 +352,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "ssh": SSH,
     "overrides": Overrides,
     "rate_limits": RateLimits,
+    "tls": TLS,
 }
 
 
@@ -554,6 +602,7 @@ _DOC_SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("nodes[].ssh", SSH),
     ("overrides", Overrides),
     ("overrides.rate_limits", RateLimits),
+    ("tls", TLS),
 )
 
 _DOC_HEAD = """\
@@ -577,7 +626,7 @@ Rules beyond the types below:
 - inventories of one deployment in the same folder (1-node and 2-node) agree on `runtime` and `prefix`, and a node
   present in both is described identically and at the same position (MariaDB `server_id` and Kafka `node.id` come
   from it);
-- SSH key files need not exist for `plan`, `render` or dry-runs.
+- SSH key files and TLS certificate/key files need not exist for `plan`, `render` or dry-runs.
 """
 
 

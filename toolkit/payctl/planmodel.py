@@ -156,6 +156,7 @@ class NginxPlan:
     upstream_keepalive: int
     max_fails: int
     fail_timeout_s: int
+    tls: bool = False  # HTTPS on 443, HTTP on 80 only redirects (inventory tls.enabled)
 
 
 @dataclass(frozen=True)

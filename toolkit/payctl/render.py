@@ -57,6 +57,8 @@ class FileKind(enum.StrEnum):
     GRAFANA_JSON = "grafana_json"
     GRAFANA_YAML = "grafana_yaml"
     SQL = "sql"
+    TLS_CERT = "tls_cert"
+    TLS_KEY = "tls_key"
     TEXT = "text"
 
 
@@ -274,6 +276,7 @@ def _mariadb_context(plan: Plan, node: NodePlan, secret: SecretFn) -> dict[str, 
 
 
 def _context(plan: Plan, node: NodePlan, secret: SecretFn) -> dict[str, Any]:
+    from payctl import tls  # imports this module
     from payctl.plan import PORTS
 
     topo = plan.topology
@@ -330,6 +333,7 @@ def _context(plan: Plan, node: NodePlan, secret: SecretFn) -> dict[str, Any]:
             "error_log": "logs/error.log" if plan.runtime == "native" else "stderr",
             "access_log": "logs/access.log" if plan.runtime == "native" else "/dev/stdout",
             "temp": "tmp",
+            "tls": tls.nginx_context(n.tls),
         }
     if node.app is not None:
         a = node.app

@@ -390,7 +390,7 @@ def nginx_settings(node: Node, cpus: float, inv: Inventory, phase: Phase, topo: 
              "TCP handshake per request")  # fmt: skip
     book.why(f"{node.name}.nginx.max_fails", 3, "passive health: 3 failures within fail_timeout mark an upstream down")
     book.why(f"{node.name}.nginx.fail_timeout_s", 10, "an upstream marked down is retried after 10 s")
-    return NginxPlan(workers, conns, node.public_address or node.private_address, ups, 64, 3, 10)
+    return NginxPlan(workers, conns, node.public_address or node.private_address, ups, 64, 3, 10, inv.tls.enabled)
 
 
 def prometheus_targets(

@@ -296,12 +296,40 @@ def _check_sentinel(job: _Job) -> None:
 
 
 def _check_nginx(job: _Job) -> None:
+    throwaway = False
+    if re.search(r"^\s*ssl_certificate\s", job.file.text, re.M):
+        # nginx -t loads the certificate and key. The shipped pair is checked with the conf when it is part of the
+        # checked set (a deploy's files); render --check has only the conf, so a throwaway pair stands in.
+        from payctl import tls
+
+        tls_dir = job.path.parent / Path(tls.NGINX_CERT).parent
+        if not ((job.path.parent / tls.NGINX_CERT).is_file() and (job.path.parent / tls.NGINX_KEY).is_file()):
+            tls.write_throwaway(tls_dir)
+            throwaway = True
     proc = _run(
         ["nginx", "-t", "-q", "-c", str(job.path), "-p", f"{job.path.parent}/"], netns=job.netns, cwd=job.path.parent
     )
     noisy = [ln for ln in proc.stderr.splitlines() if re.search(r"\[(emerg|alert|crit|error|warn)\]", ln)]
     if proc.returncode != 0 or noisy:
         raise _Failure("\n".join(noisy) or _tail(proc.stderr) or f"nginx -t exited {proc.returncode}")
+    if throwaway:
+        raise _Note("TLS checked with a throwaway self-signed pair (the configured files are shipped at deploy)")
+
+
+def _check_tls(job: _Job, what: str) -> None:
+    if job.file.text.startswith("{{TLS:"):
+        raise _Note("placeholder: the file is not present locally (dry run)")
+    proc = _run(["openssl", what, "-noout", "-in", str(job.path)])
+    if proc.returncode != 0:
+        raise _Failure(_tail(proc.stderr) or f"openssl {what} exited {proc.returncode}")
+
+
+def _check_tls_cert(job: _Job) -> None:
+    _check_tls(job, "x509")
+
+
+def _check_tls_key(job: _Job) -> None:
+    _check_tls(job, "pkey")
 
 
 def _check_nft(job: _Job) -> None:
@@ -712,5 +740,7 @@ _VALIDATORS: dict[FileKind, tuple[Callable[[_Job], None], str]] = {
     FileKind.GRAFANA_JSON: (_check_json, "dashboard JSON"),
     FileKind.GRAFANA_YAML: (_check_yaml, "provisioning YAML"),
     FileKind.SQL: (_check_sql, "SQL statements"),
+    FileKind.TLS_CERT: (_check_tls_cert, "openssl x509"),
+    FileKind.TLS_KEY: (_check_tls_key, "openssl pkey"),
     FileKind.TEXT: (_check_text, "none"),
 }
