@@ -23,6 +23,7 @@ primary, so a re-apply follows the failover and never undoes it.
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from payctl.errors import PayctlError
 from payctl.replication import (
     DbNode,
+    NodeIO,
     ReplicaSpec,
     ReplicationError,
     _q,
@@ -221,3 +223,52 @@ def fence(old: DbNode, new_primary: DbNode, spec: ReplicaSpec) -> None:
                         f"{st.get('Last_IO_Error') or st.get('Last_SQL_Error') or 'threads not running'}",
                         hint="its extra transactions diverge from the new primary: reseed it "
                         "(payctl scale add-node after moving its datadir away)")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------ Redis
+
+
+@dataclass(frozen=True)
+class RedisNode:
+    name: str
+    address: str
+    port: int
+    workdir: str  # 0700 directory for the 0600 password file the command reads
+    io: NodeIO
+
+
+def redis_command(node: RedisNode, user: str, password: str, command: str) -> str:
+    """One redis-cli command on the node, authenticated from a 0600 file (never on a command line)."""
+    path = f"{node.workdir}/redis-auth"
+    q = shlex.quote
+    ok, out, err = node.io.run(f"mkdir -p {q(node.workdir)} && chmod 700 {q(node.workdir)}")
+    if not ok:
+        raise FailoverError(f"{node.name}: cannot create {node.workdir}: {err.strip()}")
+    node.io.put_private(path, password)
+    ok, out, err = node.io.run(
+        f'REDISCLI_AUTH="$(cat {q(path)})" redis-cli --no-auth-warning --user {q(user)} -h {q(node.address)} '
+        f"-p {node.port} {command}; rc=$?; rm -f {q(path)}; exit $rc"
+    )
+    if not ok or out.startswith(("ERR", "NOPERM", "WRONGPASS")) or "Could not connect" in out + err:
+        raise FailoverError(f"{node.name}: redis `{command}` failed: {(out + err).strip()[:300]}")
+    return out
+
+
+def redis_promote(new: RedisNode, others: Sequence[RedisNode], user: str, password: str) -> list[str]:
+    """Manual Redis failover (no Sentinel quorum without a witness), as the ``sentinel`` ACL user (which may run SLAVEOF
+    and ROLE, the commands Sentinel itself uses): ``new`` stops replicating and becomes the master;
+    every other reachable node replicates from it. Returns what was done; an unreachable old master is listed, and
+    must be made a replica when it returns (run the command again)."""
+    done = []
+    redis_command(new, user, password, "SLAVEOF NO ONE")
+    role = redis_command(new, user, password, "ROLE").split()
+    if not role or role[0] != "master":
+        raise FailoverError(f"{new.name} did not become master (ROLE: {' '.join(role)[:100]})")
+    done.append(f"{new.name} is the Redis master")
+    for o in others:
+        try:
+            redis_command(o, user, password, f"SLAVEOF {shlex.quote(new.address)} {new.port}")
+            done.append(f"{o.name} replicates from {new.name}")
+        except FailoverError as exc:
+            done.append(f"{o.name} not repointed ({exc.message[:120]}): run again when it is back")
+    return done
