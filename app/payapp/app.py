@@ -70,8 +70,9 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     url = urlsplit(settings.redis_url)
     sentinel_auth = {"username": settings.redis_sentinel_user or None,
                      "password": settings.redis_sentinel_password or None}  # fmt: skip
+    addresses = [(host, int(port)) for host, _, port in (x.rpartition(":") for x in settings.redis_sentinels)]
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(settings.redis_sentinels), sentinel_kwargs={**sentinel_auth, **timeouts}, **timeouts
+        addresses, sentinel_kwargs={**sentinel_auth, **timeouts}, **timeouts
     )
     client: aioredis.Redis = sentinel.master_for(
         settings.redis_sentinel_master,

@@ -73,7 +73,7 @@ class Settings:
     log_level: str
     access_log: bool
     # Redis through Sentinel (phase 5): the master's address comes from the Sentinels; REDIS_URL gives user/password/db.
-    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinels: tuple[str, ...] = ()  # "host:port" each
     redis_sentinel_master: str = "payctl"
     redis_sentinel_user: str = ""
     redis_sentinel_password: str = ""
@@ -179,13 +179,13 @@ def _redis_url(raw: str) -> str:
     return raw
 
 
-def _sentinels(raw: str) -> tuple[tuple[str, int], ...]:
-    out: list[tuple[str, int]] = []
+def _sentinels(raw: str) -> tuple[str, ...]:
+    out: list[str] = []
     for item in (x.strip() for x in raw.split(",") if x.strip()):
         host, sep, port = item.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"expected host:port,... (bad entry {item!r})")
-        out.append((host, int(port)))
+        out.append(f"{host}:{int(port)}")
     return tuple(out)
 
 

@@ -104,7 +104,9 @@ def _settings(c: Cluster) -> Settings:
 
 def test_settings_parse_sentinels() -> None:
     s = Settings.from_env({"PAYAPP_DB_URL": "mysql://a:b@h:1/d", "PAYAPP_REDIS_SENTINELS": "10.77.0.11:26379, x:1"})
-    assert s.redis_sentinels == (("10.77.0.11", 26379), ("x", 1)) and s.redis_sentinel_master == "payctl"
+    assert s.redis_sentinels == ("10.77.0.11:26379", "x:1") and s.redis_sentinel_master == "payctl"
+    # `payapp serve` hands its settings to the workers as PAYAPP_* variables: they must parse back the same.
+    assert Settings.from_env({"PAYAPP_" + k.removeprefix("PAYAPP_"): v for k, v in s.to_env().items()}) == s
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"PAYAPP_DB_URL": "mysql://a:b@h:1/d", "PAYAPP_REDIS_SENTINELS": "h:none"})
     assert info.value.problems == ["PAYAPP_REDIS_SENTINELS='h:none': expected host:port,... (bad entry 'h:none')"]
