@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pyinfra.api.state import BaseStateCallback, State
 
-from payctl import audit, hosts, lock, runtimes, tls
+from payctl import audit, hosts, lock, preflight, runtimes, tls
 from payctl.errors import DeployError, PayctlError
 from payctl.inventory import Inventory
 from payctl.phase import load_phase
@@ -230,6 +230,9 @@ def apply(req: ApplyRequest, hooks: Hooks) -> ApplyResult:
     """Bring the deployment to ``req.phase``. Dry runs return the preview without changing anything."""
     started = time.monotonic()
     inv = req.inventory
+    # An impossible plan (over-commit, a phase the nodes cannot carry) is refused before any host is contacted;
+    # the plan that is applied is made again below with the live roles.
+    make_plan(inv, load_phase(req.phase))
     fake = req.dry_run and not hosts.is_lab(inv)
     prefixes = {n.name: inv.node_prefix(n.name) for n in inv.nodes}
     addresses = {n.name: n.private_address for n in inv.nodes}
@@ -253,6 +256,10 @@ def apply(req: ApplyRequest, hooks: Hooks) -> ApplyResult:
             return result
         except PayctlError as exc:
             error = exc
+            raise
+        except KeyboardInterrupt:
+            # Ctrl-C: the audit line must not say "ok"; the lock is still released below.
+            error = DeployError("interrupted (SIGINT) during the apply")
             raise
         finally:
             if held is not None:
@@ -304,6 +311,9 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
     hooks.step(None, "plan")
     roles = live_roles(facts)
     plan = make_plan(inv, load_phase(req.phase), live_roles=roles)
+    if not conn.fake:
+        hooks.step(None, "ports")
+        preflight.check_free_ports(plan, facts, {n: shell_of(h) for n, h in conn.hosts.items()}, req.nodes)
     hooks.step(None, "render")
     clear = {n: secrets[n].reveal() for n in secrets.names()} if secrets else None
     rendered = render(plan, clear)
