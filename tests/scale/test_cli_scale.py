@@ -76,3 +76,13 @@ def test_failover_db_usage_exit_2(argv: list[str], message: str, hint: str, caps
     err = capsys.readouterr().err
     assert rc == 2
     assert err.splitlines() == [message, hint]
+
+
+def test_failover_redis_refused_with_a_witness(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = run(["failover", "redis", "-i", "ktcloud-2node", "--promote", "node2", "--yes"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.splitlines() == [
+        "error: this deployment has a witness: its three Sentinels fail Redis over by themselves",
+        "hint: check `SENTINEL get-master-addr-by-name payctl` on a Sentinel instead",
+    ]

@@ -124,3 +124,31 @@ def failover_db(req: FailoverRequest, hooks: Progress) -> failover.FailoverResul
                 hooks.step(node.name, "repoint the app at the new primary (app.env, restart, /health)")
                 _repoint(conn, node.name, node.prefix, node.private_address, files[f"{node.name}/app.env"].text)
     return result
+
+
+def failover_redis(inv: Inventory, home: Path, promote: str, hooks: Progress) -> list[str]:
+    """Manual Redis failover for inventories without a witness (no safe Sentinel quorum): ``promote`` becomes the
+    master, the other reachable Redis nodes replicate from it. The app's REDIS_URL is repointed by the next apply,
+    which plans from the live roles."""
+    if any("witness" in n.roles for n in inv.nodes):
+        raise scale.ScaleRefused(
+            "this deployment has a witness: its three Sentinels fail Redis over by themselves",
+            hint="check `SENTINEL get-master-addr-by-name payctl` on a Sentinel instead",
+        )
+    redis_nodes = [n.name for n in inv.nodes if "redis" in n.roles]
+    if promote not in redis_nodes:
+        raise scale.ScaleRefused(f"{promote} carries no Redis (Redis nodes: {', '.join(redis_nodes)})",
+                                 hint="pass a Redis replica's node name to --promote")  # fmt: skip
+    secrets = load_or_create(home, inv.deployment, allow_create=False)
+    password = secrets["redis_sentinel"].reveal()
+    up = _reachable(inv, home, redis_nodes)
+    if promote not in up:
+        raise PayctlError(f"{promote} does not answer over SSH", hint="promote a node that is reachable")
+    with hosts.connect(inv, home, nodes=up, redact=secrets.redact) as conn:
+        nodes = {}
+        for n in up:
+            address, workdir = inv.node(n).private_address, f"{inv.node_prefix(n)}/payctl/tmp"
+            nodes[n] = failover.RedisNode(n, address, PORTS["redis"], workdir, scale.SshIO(conn.host(n)))
+        hooks.step(promote, "SLAVEOF NO ONE, the others follow it")
+        others = [nodes[n] for n in up if n != promote]
+        return failover.redis_promote(nodes[promote], others, "sentinel", password)

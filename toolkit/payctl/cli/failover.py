@@ -56,7 +56,35 @@ def db_cmd(
         console.print(f"lost GTIDs (semi-sync had fallen back to async): {result.lost_gtids}", markup=False)
 
 
+def redis_cmd(
+    inventory: str = typer.Option(..., "-i", "--inventory", help="Inventory file or bundled name."),
+    promote: str = typer.Option(..., "--promote", help="The Redis replica to make the master."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask before changing hosts."),
+) -> None:
+    """Manual Redis failover, for deployments without a witness (no safe Sentinel quorum).
+
+    Example: payctl failover redis -i ktcloud-2node-nowitness.yml --promote node2 --yes
+    """
+    inv = load_inventory(inventory)
+    console = Console(highlight=False, soft_wrap=True)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("payctl failover redis changes hosts and asks first, but stdin is not a terminal",
+                              hint="add --yes to go ahead without asking")  # fmt: skip
+        if not typer.confirm(f"make {promote} the Redis master of '{inv.deployment}'?"):
+            console.print("nothing changed (aborted)")
+            raise typer.Exit(1)
+    hooks = ConsoleHooks(console, yes=True)
+    try:
+        done = dbroles.failover_redis(inv, payctl_home().absolute(), promote, hooks)
+    finally:
+        hooks.stop()
+    for line in done:
+        console.print(line, markup=False)
+
+
 def register(app: typer.Typer) -> None:
     group = typer.Typer(help="Fail over the database (and, later, Redis).", no_args_is_help=True)
     group.command("db")(db_cmd)
+    group.command("redis")(redis_cmd)
     app.add_typer(group, name="failover")
