@@ -105,12 +105,13 @@ LISTEN 0      128      127.0.0.1:6379      0.0.0.0:*
 
 def test_listeners_are_parsed_from_ss() -> None:
     assert preflight.parse_listeners(SS) == [
-        preflight.Listener("0.0.0.0", 3306, '"mariadbd" (pid 812)'),
-        preflight.Listener("127.0.0.53", 53, '"systemd-resolve" (pid 400)'),
-        preflight.Listener("10.77.0.11", 80, '"nginx" (pid 77)'),
-        preflight.Listener("::", 22, '"sshd" (pid 9)'),
-        preflight.Listener("127.0.0.1", 6379, ""),
+        preflight.Listener("0.0.0.0", 3306, "mariadbd", 812),
+        preflight.Listener("127.0.0.53", 53, "systemd-resolve", 400),
+        preflight.Listener("10.77.0.11", 80, "nginx", 77),
+        preflight.Listener("::", 22, "sshd", 9),
+        preflight.Listener("127.0.0.1", 6379),
     ]
+    assert preflight.Listener("::", 1).process == "another program"
 
 
 def test_a_port_taken_on_a_new_node_is_named_and_a_live_node_is_not_checked() -> None:
@@ -136,3 +137,14 @@ def test_a_port_taken_on_a_new_node_is_named_and_a_live_node_is_not_checked() ->
     preflight.check_free_ports(plan, {"node1": NodeFacts(marker='{"deployment": "lab"}')}, {"node1": shell})
     preflight.check_free_ports(plan, {"node1": NodeFacts(supervisord_pid=5)}, {"node1": shell})
     assert calls == []  # a node that runs the deployment holds its own ports
+
+
+def test_on_systemd_vms_the_debian_daemons_the_apply_stops_itself_are_not_conflicts() -> None:
+    listeners = preflight.parse_listeners(SS)
+    binds = [("mariadb", "10.77.0.11", 3306), ("nginx", "10.77.0.11", 80)]
+    assert len(preflight.conflicts(binds, listeners)) == 2
+    assert preflight.conflicts(binds, listeners, preflight.DEBIAN_DAEMONS) == []
+    squatter = [preflight.Listener("0.0.0.0", 3306, "python3", 5)]
+    assert preflight.conflicts(binds, squatter, preflight.DEBIAN_DAEMONS) == [
+        'port 3306 on 10.77.0.11 (mariadb) is already taken by "python3" (pid 5), listening on 0.0.0.0:3306'
+    ]

@@ -254,9 +254,9 @@ def test_real_nginx_serves_tls12_and_tls13_only_and_redirects_http(netns: str, t
             assert time.monotonic() < deadline, "nginx did not start within 10 s"
             time.sleep(0.05)
         time.sleep(0.3)  # the upstream's listen socket
-        d = home / "lab" / "tls"
-        probe = subprocess.run([*ns, sys.executable, "-c", PROBE, LAB_ADDR, str(d / "server.crt"),
-                                str(d / "server.key")], capture_output=True, text=True, timeout=60)  # fmt: skip
+        pair = home / "lab" / "tls"
+        probe = subprocess.run([*ns, sys.executable, "-c", PROBE, LAB_ADDR, str(pair / "server.crt"),
+                                str(pair / "server.key")], capture_output=True, text=True, timeout=60)  # fmt: skip
         assert probe.returncode == 0, probe.stderr
         out = json.loads(probe.stdout)
     finally:

@@ -313,7 +313,8 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
     plan = make_plan(inv, load_phase(req.phase), live_roles=roles)
     if not conn.fake:
         hooks.step(None, "ports")
-        preflight.check_free_ports(plan, facts, {n: shell_of(h) for n, h in conn.hosts.items()}, req.nodes)
+        handled = preflight.DEBIAN_DAEMONS if inv.runtime == "native" and not is_lab(plan) else ()
+        preflight.check_free_ports(plan, facts, {n: shell_of(h) for n, h in conn.hosts.items()}, req.nodes, handled)
     hooks.step(None, "render")
     clear = {n: secrets[n].reveal() for n in secrets.names()} if secrets else None
     rendered = render(plan, clear)

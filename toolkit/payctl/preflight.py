@@ -27,11 +27,21 @@ _USERS = re.compile(r'\("(?P<name>[^"]*)",pid=(?P<pid>\d+)')
 Shell = Callable[[str], tuple[bool, str, str]]
 
 
+#: Daemons of the Debian packages the systemd runtime stops and disables itself before starting its own units
+#: (runtimes.DEBIAN_SERVICES; ``ss`` shows at most 15 characters of a name, hence the prefix for the exporters).
+DEBIAN_DAEMONS = ("mariadbd", "mysqld", "redis-server", "redis-sentinel", "nginx", "prometheus")
+
+
 @dataclass(frozen=True)
 class Listener:
     address: str
     port: int
-    process: str  # '"mariadbd" (pid 123)', or "" when ss could not tell
+    name: str = ""  # process name as ss shows it; "" when ss could not tell
+    pid: int | None = None
+
+    @property
+    def process(self) -> str:
+        return f'"{self.name}" (pid {self.pid})' if self.name else "another program"
 
 
 def parse_listeners(text: str) -> list[Listener]:
@@ -46,20 +56,25 @@ def parse_listeners(text: str) -> list[Listener]:
         if not port.isdigit():
             continue
         m = _USERS.search(line)
-        out.append(Listener(host, int(port), f'"{m["name"]}" (pid {m["pid"]})' if m else ""))
+        out.append(Listener(host, int(port), m["name"], int(m["pid"])) if m else Listener(host, int(port)))
     return out
 
 
-def conflicts(binds: Iterable[tuple[str, str, int]], listeners: Iterable[Listener]) -> list[str]:
+def _handled(name: str, handled: Iterable[str]) -> bool:
+    return any(name == d or (d == "prometheus" and name.startswith(d)) for d in handled)
+
+
+def conflicts(
+    binds: Iterable[tuple[str, str, int]], listeners: Iterable[Listener], handled: Iterable[str] = ()
+) -> list[str]:
     """``binds``: (component, address, port) the plan needs; a listener on that port at the same or a wildcard
-    address makes the bind fail (EADDRINUSE)."""
+    address makes the bind fail (EADDRINUSE). ``handled``: daemons the apply itself stops (not a conflict)."""
     found: list[str] = []
-    held = list(listeners)
+    held = [li for li in listeners if not (li.name and _handled(li.name, handled))]
     for component, address, port in binds:
         for li in held:
             if li.port == port and (li.address == address or li.address in _WILDCARDS):
-                who = li.process or "another program"
-                found.append(f"port {port} on {address} ({component}) is already taken by {who}, listening on "
+                found.append(f"port {port} on {address} ({component}) is already taken by {li.process}, listening on "
                              f"{li.address}:{li.port}")  # fmt: skip
                 break
     return found
@@ -70,9 +85,11 @@ def check_free_ports(
     facts: Mapping[str, NodeFacts],
     shells: Mapping[str, Shell],
     nodes: tuple[str, ...] | None = None,
+    handled: Iterable[str] = (),
 ) -> None:
     """Raise one DeployError listing every port the plan needs that another program holds, on nodes new to the
-    deployment (``facts[node].live`` false and no supervisord of ours)."""
+    deployment (``facts[node].live`` false and no supervisord of ours). ``handled``: daemon names the runtime stops
+    itself (``DEBIAN_DAEMONS`` on systemd VMs), never reported."""
     problems: list[str] = []
     for node in plan.active_nodes:
         if node.name not in shells or (nodes is not None and node.name not in nodes):
@@ -85,7 +102,7 @@ def check_free_ports(
             continue
         tls = node.nginx is not None and node.nginx.tls
         binds = [(c.name, p.address, p.port) for c in node.components for p in c.ports if p.name != "https" or tls]
-        problems += [f"{node.name}: {msg}" for msg in conflicts(binds, parse_listeners(out))]
+        problems += [f"{node.name}: {msg}" for msg in conflicts(binds, parse_listeners(out), handled)]
     if problems:
         raise DeployError(
             "; ".join(problems),
