@@ -56,14 +56,14 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
                     ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))  # fmt: skip
     os.environ["PAYCTL_APP_SOURCE"] = str(source)
     with LOCK.open("a") as fh:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 1200  # other lab test modules may hold it for minutes
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"another lab test run held {LOCK} for 10 minutes")
+                    pytest.fail(f"another lab test run held {LOCK} for 20 minutes")
                 time.sleep(1)
         try:
             lab.lab_up(inv, home)
