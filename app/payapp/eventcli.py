@@ -89,8 +89,8 @@ def _lag(args: argparse.Namespace, settings: Settings) -> int:
     from payapp.events import consumer_lag
 
     try:
-        lag = asyncio.run(consumer_lag(_events(args)))
-    except (KafkaError, OSError) as exc:
+        lag = asyncio.run(asyncio.wait_for(consumer_lag(_events(args)), 60))
+    except (KafkaError, OSError, TimeoutError) as exc:
         raise PayappError(f"cannot read consumer lag: {exc!r}", "check PAYAPP_KAFKA_BOOTSTRAP and the brokers") from exc
     for tp, n in sorted(lag.per_partition.items()):
         print(f"{tp}\t{n}")

@@ -28,6 +28,7 @@ from aiokafka.errors import KafkaError
 from payapp import db
 from payapp.events import (
     EventSettings,
+    Lag,
     acquire_lease,
     connect,
     consumer_lag,
@@ -213,6 +214,7 @@ class Relay:
     async def refresh_gauges(self, stop: asyncio.Event, every_s: float = 5.0) -> None:
         """Outbox backlog and consumer lag for /metrics, measured from outside the consumers."""
         conn: asyncmy.Connection | None = None
+        lag_task: asyncio.Task[Lag] | None = None
         while not stop.is_set():
             try:
                 if conn is None:
@@ -229,7 +231,15 @@ class Relay:
                 res = await db.execute(conn, _LATEST_RECONCILE)
                 if res.rows:
                     self.state.reconcile = dict(zip(_RECONCILE_FIGURES, (float(v) for v in res.rows[0]), strict=True))
-                self.state.lag = (await consumer_lag(self.s)).per_partition
+                # The lag read runs as its own task: one that hangs inside aiokafka (seen right after the topics
+                # were created) must not freeze the other gauges, and cancelling it could hang as well; a new read
+                # starts once the previous one has finished.
+                if lag_task is None or lag_task.done():
+                    lag_task = asyncio.get_running_loop().create_task(consumer_lag(self.s))
+                    await asyncio.wait([lag_task], timeout=every_s)
+                    lag = _finished(lag_task)
+                    if lag is not None:
+                        self.state.lag = lag.per_partition
             except Exception as exc:  # a metrics loop must never die: the next round tries again
                 log.warning("relay: gauges not refreshed: %r", exc)
                 if conn is not None:
@@ -238,6 +248,8 @@ class Relay:
             await sleep_until(stop, every_s)
         if conn is not None:
             conn.close()
+        if lag_task is not None and not lag_task.done():
+            lag_task.cancel()
 
     def metrics_text(self) -> str:
         st = self.state
@@ -261,6 +273,18 @@ class Relay:
         for name, value in st.reconcile.items():
             lines += [f"# TYPE payapp_reconcile_{name} gauge", f"payapp_reconcile_{name} {value:g}"]
         return "\n".join(lines) + "\n"
+
+
+def _finished(task: asyncio.Task[Lag]) -> Lag | None:
+    """The lag a finished read produced; None while it runs, or when it failed or was cancelled (aiokafka can
+    cancel its own inner futures: ``exception()`` would then raise CancelledError and end the gauge loop)."""
+    if not task.done() or task.cancelled():
+        return None
+    exc = task.exception()
+    if exc is not None:
+        log.warning("relay: consumer lag not read: %r", exc)
+        return None
+    return task.result()
 
 
 async def _stop_quietly(prod: AIOKafkaProducer) -> None:

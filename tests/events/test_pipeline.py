@@ -113,15 +113,21 @@ async def test_relay_metrics_export_backlog_and_lag(pipeline: Pipeline, api: Api
     p.start("relay", PAYAPP_RELAY_METRICS_PORT=str(port))
     await api.authorize(700)
 
+    last = [""]
+
     async def scraped() -> bool:
         try:
             resp = await api.client.session.get(f"http://127.0.0.1:{port}/metrics")
-            text = await resp.text()
-        except OSError:
+            last[0] = await resp.text()
+        except OSError as exc:
+            last[0] = repr(exc)
             return False
-        return "payapp_relay_leader 1" in text and "payapp_consumer_lag_total 1" in text
+        return "payapp_relay_leader 1" in last[0] and "payapp_consumer_lag_total 1" in last[0]
 
-    await eventually(scraped, 60, "relay /metrics with leader=1 and lag 1")
+    try:
+        await eventually(scraped, 60, "relay /metrics with leader=1 and lag 1")
+    except AssertionError:
+        raise AssertionError(f"last scrape:\n{last[0]}\nrelay log:\n{p.log_of(p.procs[0])[-3000:]}") from None
     await asyncio.sleep(0)
 
 
