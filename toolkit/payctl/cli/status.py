@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from payctl import hosts, operate
+from payctl import hosts, monitoring, operate
 from payctl.errors import ConfigError
 from payctl.inventory import load_inventory, resolve_inventory_path
 from payctl.paths import payctl_home
@@ -28,15 +29,28 @@ def _home() -> Path:
 def status_cmd(
     inventory: str = _INVENTORY,
     as_json: bool = typer.Option(False, "--json", help="Only JSON on stdout."),
+    live: bool = typer.Option(True, "--live/--no-live",
+                              help="Also read live figures (CPU, memory, RPS, p95, errors, lag, replication, disk) "
+                                   "and scrape targets from Prometheus over SSH (phase 4 and later)."),
 ) -> None:
-    """Per node: every component up/down, roles, health, versions, uptime.
+    """Per node: every component up/down, roles, health, versions, uptime; and live figures from Prometheus.
 
     Example: payctl status -i lab-1node --json
     """
     inv = load_inventory(inventory)
     rows = operate.status(inv, _home(), hosts.is_lab(inv))
+    mon = monitoring.status(inv, _home(), hosts.is_lab(inv)) if live else None
     if as_json:
-        typer.echo(json.dumps({"deployment": inv.deployment, "nodes": [r.as_dict() for r in rows]}, indent=2))
+        nodes = [r.as_dict() for r in rows]
+        doc: dict[str, object] = {"deployment": inv.deployment, "nodes": nodes}
+        if mon is not None:
+            for n in nodes:
+                figures = mon.figures.node(str(n["node"])) if mon.figures else {}
+                n.update({k: figures.get(k) for k in monitoring.FIGURES})
+            doc["targets"] = [t.as_dict() for t in mon.figures.targets] if mon.figures else []
+            doc["monitoring"] = ({"source": mon.figures.source, "notes": list(mon.figures.notes)} if mon.figures
+                                 else {"error": mon.error, "hint": mon.hint})  # fmt: skip
+        typer.echo(json.dumps(doc, indent=2))
         if not all(r.reachable for r in rows):
             raise typer.Exit(1)
         return
@@ -57,8 +71,32 @@ def status_cmd(
         if not r.programs:
             table.add_row("(nothing deployed)", "", "", "")
         console.print(table)
+        if mon is not None and mon.figures is not None and mon.figures.node(r.node):
+            console.print(_figures_line(mon.figures.node(r.node)))
+    if mon is not None:
+        _print_monitoring(console, mon)
     if not all(r.reachable for r in rows):
         raise typer.Exit(1)
+
+
+def _figures_line(figures: Mapping[str, float]) -> str:
+    parts = [f"{k} {v:g}{monitoring.UNITS.get(k, '')}" for k, v in figures.items()]
+    return "  live: " + ", ".join(parts)
+
+
+def _print_monitoring(console: Console, mon: monitoring.MonitoringStatus) -> None:
+    if mon.figures is None:
+        console.print(f"monitoring: [yellow]no live figures[/]: {mon.error}" + (f" ({mon.hint})" if mon.hint else ""))
+        return
+    targets = mon.figures.targets
+    bad = monitoring.unhealthy(targets)
+    color = "green" if not bad else "red"
+    console.print(f"monitoring: {mon.figures.source}: [{color}]{len(targets) - len(bad)}/{len(targets)} scrape "
+                  "targets up[/]")  # fmt: skip
+    for t in bad:
+        console.print(f"  [red]{t.health}[/] {t.job} on {t.node or '?'} ({t.url}): {t.last_error}")
+    for note in mon.figures.notes:
+        console.print(f"  note: {note}")
 
 
 def logs_cmd(

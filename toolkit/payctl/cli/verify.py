@@ -41,11 +41,13 @@ from payctl.kneereport import write_knee_report
 from payctl.lab import detect_cgroups
 from payctl.lab import layout as lab_layout
 from payctl.labmetrics import LabSampler
+from payctl.monitoring import run_sampler
+from payctl.paths import payctl_home
 from payctl.phase import Phase, load_phase
 from payctl.report import VerifyRun, write_report
 from payctl.serverchecks import ServerCheck, local_runner, netns_runner, payapp_checks
 from payctl.timeseries import Live
-from payctl.verification import gate_run
+from payctl.verification import Sampler, gate_run
 
 _EXAMPLES = """
 
@@ -146,7 +148,15 @@ def _lab_sampler(inv: Inventory | None) -> LabSampler | None:
 
 
 def _run_gate(ctx: _Context, spec: GateSpec, checks: list[ServerCheck], quiet: bool) -> VerifyRun:
-    sampler = _lab_sampler(ctx.inv) if not ctx.target.loopback else None
+    local = _lab_sampler(ctx.inv) if not ctx.target.loopback else None
+    if ctx.inv is None or ctx.target.loopback:
+        return _gate(ctx, spec, checks, quiet, local)
+    # The deployment's Prometheus (phase 4+) adds consumer lag, and CPU/memory where the lab's cgroups give none.
+    with run_sampler(ctx.inv, payctl_home().absolute(), local) as sampler:
+        return _gate(ctx, spec, checks, quiet, sampler)
+
+
+def _gate(ctx: _Context, spec: GateSpec, checks: list[ServerCheck], quiet: bool, sampler: Sampler | None) -> VerifyRun:
     if quiet:
         return gate_run(ctx.deployment, ctx.phase, spec, ctx.target, checks=checks, sampler=sampler)
     with RichLive(_live_table(Live(0, "starting", 0, None, 0, 0, 0), spec), console=err, transient=True) as live:

@@ -1,0 +1,140 @@
+"""Monitoring on a real lab deployment: lab-1node up, phase 4 applied over SSH (Prometheus and the exporters under
+the node's supervisor), then Prometheus read through an SSH tunnel as `payctl status` and `payctl verify` do.
+Holds the machine's lab lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from payctl import lab, monitoring
+from payctl.cli import run
+from payctl.inventory import load_inventory
+from payctl.plan import PORTS
+from payctl.prom import PromClient, tunnel
+from tests.lab.conftest import exclusive_lab
+from tests.support.services import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.lab]
+
+JOBS = {"payapp", "relay", "consumer", "node", "mysqld", "redis", "nginx"}
+
+
+@pytest.fixture(scope="module")
+def lab_phase4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root (CI runs them as root)")
+    home = tmp_path_factory.mktemp("payctl-home")
+    inv = load_inventory("lab-1node")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PAYCTL_HOME", str(home))
+    try:
+        with exclusive_lab():
+            try:
+                lab.lab_up(inv, home)
+                assert run(["phase4", "apply", "-i", "lab-1node", "--yes", "--no-verify"]) == 0
+                yield home
+            finally:
+                lab.lab_down(inv, home)
+    finally:
+        mp.undo()
+
+
+@contextmanager
+def _client(home: Path) -> Iterator[PromClient]:
+    inv = load_inventory("lab-1node")
+    with tunnel(inv, home, "node1", "10.77.0.11", PORTS["prometheus"]) as client:
+        yield client
+
+
+def _total(client: PromClient, expr: str) -> float:
+    return sum(s.value for s in client.query(expr))
+
+
+def test_prometheus_scrapes_every_target_healthy(lab_phase4: Path) -> None:
+    with _client(lab_phase4) as client:
+        def all_up(c: PromClient = client) -> bool:
+            ts = c.targets()
+            return {t.job for t in ts} == JOBS and all(t.health == "up" for t in ts)
+
+        try:
+            wait_until(all_up, 60, "every scrape target up", interval=2)
+        finally:
+            bad = [(t.job, t.health, t.last_error) for t in client.targets() if t.health != "up"]
+        assert not bad
+        assert all(t.node == "node1" for t in client.targets())
+
+
+def test_metrics_exist_and_move_under_load_and_verify_reports_them(lab_phase4: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    moving = {
+        "requests": 'sum(payapp_http_requests_total{route="/payments/authorize"})',
+        "published": "sum(payapp_relay_published_total)",
+        "consumed": 'sum(payapp_consumer_events_total{outcome="applied"})',
+    }
+    with _client(lab_phase4) as client:
+        before = {k: _total(client, e) for k, e in moving.items()}
+    rc = run(["verify", "-i", "lab-1node", "--rps", "20", "--duration", "10s", "--warmup", "1s", "--p95", "2s",
+              "--p99", "3s", "--quiet", "--report-dir", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
+    html = (tmp_path / "report.html").read_text()
+    assert "CPU per node" in html and 'data-label="node1"' in html
+    assert "Consumer lag" in html and 'data-label="lag"' in html  # from Prometheus, over the run window
+    with _client(lab_phase4) as client:
+        def moved(c: PromClient = client) -> bool:
+            return all(_total(c, e) > before[k] for k, e in moving.items())
+
+        wait_until(moved, 30, "counters moved", interval=2)
+        # Per-partition lag appears once the relay's 5 s lag refresh has read the group's committed offsets.
+        wait_until(lambda c=client: bool(c.query('payapp_consumer_lag{partition="0"}')), 60,
+                   "per-partition consumer lag exported by the relay", interval=3)  # fmt: skip
+        missing = [m for m in monitoring.METRICS if m not in monitoring.OPTIONAL
+                   and not client.query(f'count({{__name__="{m}"}})')]  # fmt: skip
+        assert not missing
+
+
+def _requests_through_nginx(n: int, pause_s: float) -> None:
+    """Bounded trickle of reads through the lab LB (404 for an unknown payment: counted, not an error)."""
+    for i in range(n):
+        try:
+            urllib.request.urlopen(f"http://10.77.0.11/payments/{900000 + i}", timeout=5)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404
+        time.sleep(pause_s)
+
+
+def test_status_json_has_live_figures(lab_phase4: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Requests in the last minute across two 15 s scrapes, so the 1-minute rate and p95 have values now.
+    _requests_through_nginx(40, 0.5)
+    inv = load_inventory("lab-1node")
+    with _client(lab_phase4) as client:
+        def has_rate(c: PromClient = client) -> bool:
+            return any(s.value > 0 for s in c.query("payctl:requests:rate1m"))
+
+        try:
+            wait_until(has_rate, 45, "request rate recorded", interval=3)
+        finally:
+            raw = [(dict(x.labels), x.value) for x in client.query("payapp_http_requests_total")]
+            rec = [(dict(x.labels), x.value) for x in client.query("payctl:requests:rate1m")]
+            print(raw, rec)
+    assert monitoring.status(inv, lab_phase4, True).figures is not None
+    assert run(["status", "-i", "lab-1node", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    node = doc["nodes"][0]
+    for key in ("cpu", "memory", "consumer_lag", "rps", "p95_ms", "disk_free_percent"):
+        assert node[key] is not None, (key, node, doc.get("monitoring"))
+    assert 0 <= node["cpu"] <= 100 * (os.cpu_count() or 1) and node["memory"] > 50
+    assert {t["job"] for t in doc["targets"]} == JOBS and all(t["health"] == "up" for t in doc["targets"])
+    assert any("cgroup" in n for n in doc["monitoring"]["notes"])
+    assert run(["status", "-i", "lab-1node"]) == 0
+    text = capsys.readouterr().out
+    assert "7/7 scrape targets up" in text and "live: cpu" in text
