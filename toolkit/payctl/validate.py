@@ -620,6 +620,7 @@ _PAYAPP_SCRIPT = """
 import re, sys
 try:
     from payapp.settings import SPECS, PREFIX, Settings
+    from payapp.events import EVENT_SPECS, EventSettings
 except ImportError:
     print("payapp is not installed here: syntax checked only")
     sys.exit(0)
@@ -631,12 +632,13 @@ for line in open(sys.argv[1]):
         env[k] = re.sub(r"\\{\\{SECRET:\\w+\\}\\}", "placeholder", v)
 try:
     Settings.from_env(env)
+    EventSettings.from_env(env)
 except Exception as exc:
     print(getattr(exc, "message", str(exc)))
     for p in getattr(exc, "problems", []) or []:
         print(p)
     sys.exit(1)
-known = {PREFIX + s.name for s in SPECS}
+known = {PREFIX + s.name for s in (*SPECS, *EVENT_SPECS)}
 unknown = sorted(k for k in env if k not in known)
 if unknown:
     print("not (yet) read by this payapp: " + ", ".join(unknown))
