@@ -72,7 +72,9 @@ def redis_client(settings: Settings) -> aioredis.Redis:
                      "password": settings.redis_sentinel_password or None}  # fmt: skip
     addresses = [(host, int(port)) for host, _, port in (x.rpartition(":") for x in settings.redis_sentinels)]
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        addresses, sentinel_kwargs={**sentinel_auth, **timeouts}, **timeouts
+        # No retries towards a Sentinel: a dead one (refused) is skipped at once for the next, instead of redis-py's
+        # default backoff-and-retry eating the caller's whole timeout (seen in the lab: /health "redis: down").
+        addresses, sentinel_kwargs={**sentinel_auth, **timeouts, "retry": Retry(NoBackoff(), 0)}, **timeouts
     )
     client: aioredis.Redis = sentinel.master_for(
         settings.redis_sentinel_master,
