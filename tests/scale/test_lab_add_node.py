@@ -144,3 +144,28 @@ def test_add_node_under_load(lab_home: Path, capsys: pytest.CaptureFixture[str])
     for i in range(20):
         assert authorize(f"m-scale-after-{i}")[0] in (200, 201)
     assert served("10.77.0.12") > before and served("10.77.0.11") > 0
+
+
+def test_planned_switchover_under_load(lab_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """After add-node: node2 becomes primary under load, node1 its replica; every acknowledged payment is on both;
+    payments succeed again after the switch (during it, writes may fail fast as read-only and be retried)."""
+    with Load() as load:
+        time.sleep(3)
+        rc = run(["failover", "db", "-i", "lab-2node", "--promote", "node2", "--planned", "--yes"])
+        out = capsys.readouterr()
+        time.sleep(3)
+    assert rc == 0, out.err[-3000:] + out.out[-2000:]
+    assert "node2 is the MariaDB primary" in out.out
+    assert sql(NODE2, "SELECT @@read_only") == "0" and sql(NODE1, "SELECT @@read_only") == "1"
+    status = sql(NODE1, "SHOW SLAVE STATUS")
+    assert "10.77.0.12" in status and "Slave_Pos" in status
+    assert len(load.acked) > 50
+    pos = sql(NODE2, "SELECT @@gtid_binlog_pos")
+    assert sql(NODE1, f"SELECT MASTER_GTID_WAIT('{pos}', 30)") == "0"
+    ids = ",".join(str(int(p)) for p in load.acked)
+    for prefix in (NODE1, NODE2):
+        assert int(sql(prefix, f"SELECT COUNT(*) FROM payments.payment WHERE payment_id IN ({ids})")) == len(load.acked)
+    # Writes go to node2 now, through either app node.
+    results = [authorize(f"m-switch-after-{i}")[0] for i in range(20)]
+    assert all(code in (200, 201) for code in results), results
+    print(f"switchover under load: {len(load.acked)} acknowledged, {len(load.failed)} failed: {load.failed[:3]}")
