@@ -35,6 +35,7 @@ SECRET_NAMES: Final = (
     "redis_replication",
     "redis_sentinel",
     "redis_exporter",
+    "grafana_admin",
 )
 # 32 random bytes = 256 bits (43 URL-safe characters); the issue asks for at least 128.
 TOKEN_BYTES: Final = 32
