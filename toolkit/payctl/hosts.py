@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 os.environ.setdefault("PYINFRA_FAKE_DELAY", "0")
 os.environ.setdefault("PYINFRA_FAKE_DELAY_JITTER", "0")
 
+import gevent  # type: ignore[import-untyped]
 import paramiko
 from pyinfra.api.config import Config
 from pyinfra.api.connect import connect_all, disconnect_all
@@ -263,6 +264,15 @@ def _open_jump(t: Target, jump: Target, known_hosts: Path, timeout: float) -> tu
     return client, channel
 
 
+def _quiet_ctrl_c() -> None:
+    """Ctrl-C usually lands in one of pyinfra's gevent greenlets (reading SSH output); gevent's hub then printed that
+    greenlet's traceback before re-raising KeyboardInterrupt in the main greenlet. Keep the re-raise (the apply's
+    cleanup releases the lock and the CLI prints "interrupted", exit 130) without the traceback."""
+    hub: Any = gevent.get_hub()
+    if not issubclass(KeyboardInterrupt, hub.NOT_ERROR):
+        hub.NOT_ERROR = (*hub.NOT_ERROR, KeyboardInterrupt)
+
+
 @contextmanager
 def connect(
     inventory: HostInventory,
@@ -280,6 +290,7 @@ def connect(
     all_targets = targets(inventory, home)
     chosen = list(nodes) if nodes is not None else list(all_targets)
     known_hosts = known_hosts_path(home, inventory.deployment)
+    _quiet_ctrl_c()
     jumps: list[paramiko.SSHClient] = []
     names: list[tuple[str, dict[str, Any]]] = []
     try:
