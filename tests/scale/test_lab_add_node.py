@@ -139,6 +139,8 @@ def test_add_node_under_load(lab_home: Path, capsys: pytest.CaptureFixture[str])
     count = sql(NODE2, f"SELECT COUNT(*) FROM payments.payment WHERE payment_id IN ({ids})")
     assert int(count) == len(load.acked)
     assert sql(NODE2, "SELECT @@read_only") == "1"
+    # The app's accounts reached the replica (through replication: the snapshot holds none), for a later failover.
+    assert int(sql(NODE2, "SELECT COUNT(*) FROM mysql.user WHERE User = 'app'")) >= 2
     # nginx now sends to both app nodes.
     before = served("10.77.0.12")
     for i in range(20):

@@ -9,7 +9,8 @@ runs the undos in reverse (``replication`` undoes its own sub-steps):
                 idempotent, new accounts are dropped again on failure
     3 node      the new node's own components (``payctl phase5 apply`` limited to that node: packages, files, a fresh
                 MariaDB datadir as replica, app and consumer pointing at the primary); undo: its programs stopped
-    4 replica   ``payctl.replication.add_replica``: snapshot, CHANGE MASTER on the replica, catch-up, semi-sync
+    4 replica   ``payctl.replication.add_replica``: snapshot, CHANGE MASTER on the replica, catch-up, semi-sync; then
+                the users SQL once more on the primary, so the accounts (not in the snapshot) replicate to the new node
     5 persist   the primary's my.cnf rewritten with the semi-sync settings already live (no restart: a later apply
                 then sees nothing to change and never restarts the primary for it)
     6 lb        nginx on the LB node with both upstreams: the file written, ``nginx -t``, a graceful reload (SIGHUP:
@@ -197,6 +198,7 @@ def add_node(req: AddNodeRequest, hooks: Hooks) -> AddNodeResult:
         _accounts(req, plan, by_node, hooks, undo, secrets.redact)
         _node(req, plan, hooks, undo)
         result.replica = _replica(req, plan, clear, hooks, secrets.redact)
+        _accounts_to_replica(req, plan, by_node, hooks, secrets.redact)
         _persist_and_lb(req, plan, by_node, hooks, undo, secrets.redact)
     except PayctlError as exc:
         failed: list[str] = []
@@ -254,6 +256,24 @@ def _accounts(req: AddNodeRequest, plan: AddNodePlan, by_node: Mapping[str, Mapp
         undo.append((f"drop the accounts created for {address}", drop))
 
     _with_lock(req, plan, [p], redact, work)
+
+
+def _accounts_to_replica(req: AddNodeRequest, plan: AddNodePlan, by_node: Mapping[str, Mapping[str, str]],
+                         hooks: Hooks, redact: Callable[[str], str]) -> None:  # fmt: skip
+    """The snapshot holds no accounts (see ``replication.dump_command``): the users SQL, applied again on the primary
+    now that the replica is attached, reaches it through replication, so the app can log in there after a failover."""
+    p, n = plan.primary, req.node
+    hooks.step(p, "accounts to the replica (users SQL again on the primary, replicated)")
+
+    def work(conn: hosts.Connected) -> None:
+        primary = db_node(plan.plan, p, SshIO(conn.host(p)))
+        replica = db_node(plan.plan, n, SshIO(conn.host(n)))
+        replication.run_secret_sql(primary, "users", by_node[p]["mariadb/users.sql"])
+        replication.wait_caught_up(primary, replica, req.catchup_timeout_s)
+        if replication.scalar(replica, "SELECT COUNT(*) FROM mysql.user WHERE User = 'app'") == "0":
+            raise ScaleError(f"{n}: the app accounts did not arrive through replication")
+
+    _with_lock(req, plan, [p, n], redact, work)
 
 
 def _node(req: AddNodeRequest, plan: AddNodePlan, hooks: Hooks, undo: list[tuple[str, Callable[[], object]]]) -> None:
