@@ -103,12 +103,12 @@ def test_metrics_exist_and_move_under_load_and_verify_reports_them(lab_phase4: P
 
 
 def _requests_through_nginx(n: int, pause_s: float) -> None:
-    """Bounded trickle of reads through the lab LB (404 for an unknown payment: counted, not an error)."""
+    """Bounded trickle of reads through the lab LB (an unknown payment id: 400/404, counted, not an error)."""
     for i in range(n):
         try:
             urllib.request.urlopen(f"http://10.77.0.11/payments/{900000 + i}", timeout=5)
         except urllib.error.HTTPError as exc:
-            assert exc.code == 404
+            assert exc.code in (400, 404)  # an id payapp never issued: refused, counted, not a 5xx
         time.sleep(pause_s)
 
 
@@ -120,12 +120,7 @@ def test_status_json_has_live_figures(lab_phase4: Path, capsys: pytest.CaptureFi
         def has_rate(c: PromClient = client) -> bool:
             return any(s.value > 0 for s in c.query("payctl:requests:rate1m"))
 
-        try:
-            wait_until(has_rate, 45, "request rate recorded", interval=3)
-        finally:
-            raw = [(dict(x.labels), x.value) for x in client.query("payapp_http_requests_total")]
-            rec = [(dict(x.labels), x.value) for x in client.query("payctl:requests:rate1m")]
-            print(raw, rec)
+        wait_until(has_rate, 45, "request rate recorded", interval=3)
     assert monitoring.status(inv, lab_phase4, True).figures is not None
     assert run(["status", "-i", "lab-1node", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
