@@ -30,7 +30,7 @@ from aiokafka.structs import TopicPartition
 
 from payapp import db
 from payapp.errors import ConfigError, PayappError
-from payapp.settings import PREFIX, Spec, merged_environ
+from payapp.settings import PREFIX, Spec, int_range, merged_environ
 
 AUTHORIZED = "payment.authorized"
 CAPTURED = "payment.captured"
@@ -43,19 +43,6 @@ TOPICS = (AUTHORIZED, CAPTURED, REFUNDED, CANCELLED, SETTLED, RECONCILED, DLQ)
 # What the settlement consumer reads: the API's events (payment.settled is its own output).
 CONSUMED = (AUTHORIZED, CAPTURED, REFUNDED, CANCELLED)
 SCHEMA_VERSIONS = (1,)
-
-
-def _int(lo: int, hi: int) -> Any:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"expected an integer {lo}..{hi}") from None
-        if not lo <= value <= hi:
-            raise ValueError(f"expected an integer {lo}..{hi}")
-        return value
-
-    return parse
 
 
 def _float(raw: str) -> float:
@@ -144,33 +131,33 @@ class EventSettings:
 
 EVENT_SPECS: tuple[Spec, ...] = (
     Spec("KAFKA_BOOTSTRAP", "kafka_bootstrap", str, "", "Kafka brokers (host:port,...)"),
-    Spec("KAFKA_PARTITIONS", "partitions", _int(1, 1000), "1",
+    Spec("KAFKA_PARTITIONS", "partitions", int_range(1, 1000), "1",
          "partitions per topic, fixed at the first deployment (keys never move); sized for the largest phase"),
-    Spec("KAFKA_REPLICATION_FACTOR", "replication_factor", _int(1, 5), "1", "replication factor of the topics"),
-    Spec("KAFKA_MIN_INSYNC_REPLICAS", "min_insync_replicas", _int(1, 5), "1",
+    Spec("KAFKA_REPLICATION_FACTOR", "replication_factor", int_range(1, 5), "1", "replication factor of the topics"),
+    Spec("KAFKA_MIN_INSYNC_REPLICAS", "min_insync_replicas", int_range(1, 5), "1",
          "min.insync.replicas of the topics (acks=all waits for this many)"),
     Spec("KAFKA_IDEMPOTENCE", "idempotence", _bool, "on", "idempotent producer (Apache Kafka: on; Tansu: off)"),
     Spec("KAFKA_COMPRESSION", "compression", _compression, "lz4", "producer compression"),
-    Spec("KAFKA_BATCH_SIZE", "batch_size", _int(1024, 16 * 1024 * 1024), "16384", "producer batch size in bytes"),
-    Spec("KAFKA_LINGER_MS", "linger_ms", _int(0, 10000), "10", "producer linger"),
+    Spec("KAFKA_BATCH_SIZE", "batch_size", int_range(1024, 16 * 1024 * 1024), "16384", "producer batch size in bytes"),
+    Spec("KAFKA_LINGER_MS", "linger_ms", int_range(0, 10000), "10", "producer linger"),
     Spec("KAFKA_GROUP", "group", str, "payapp-settlement", "consumer group of `payapp consume`"),
-    Spec("RELAY_BATCH", "relay_batch", _int(1, 100000), "500", "outbox rows the relay publishes per round"),
+    Spec("RELAY_BATCH", "relay_batch", int_range(1, 100000), "500", "outbox rows the relay publishes per round"),
     Spec("RELAY_POLL_S", "relay_poll_s", _float, "0.02", "relay sleep when the outbox is empty"),
     Spec("RELAY_PUBLISH_TIMEOUT_S", "publish_timeout_s", _float, "30",
          "how long the relay waits for acks before it abandons its producer and retries"),
-    Spec("OUTBOX_RETENTION_S", "outbox_retention_s", _int(0, 10**9), "604800",
+    Spec("OUTBOX_RETENTION_S", "outbox_retention_s", int_range(0, 10**9), "604800",
          "published outbox rows (and processed-event ids) older than this are purged"),
     Spec("LEASE_TTL_S", "lease_ttl_s", _float, "10", "relay lease; a standby takes over this long after a crash"),
-    Spec("CONSUMER_MAX_ATTEMPTS", "consumer_max_attempts", _int(1, 100), "3",
+    Spec("CONSUMER_MAX_ATTEMPTS", "consumer_max_attempts", int_range(1, 100), "3",
          "failures of one message before it goes to payment.dlq"),
-    Spec("RELAY_METRICS_PORT", "metrics_port", _int(0, 65535), "0",
+    Spec("RELAY_METRICS_PORT", "metrics_port", int_range(0, 65535), "0",
          "relay's Prometheus port (outbox backlog and age, consumer lag, DLQ, latest reconciliation); 0 = off"),
-    Spec("CONSUMER_METRICS_PORT", "consumer_metrics_port", _int(0, 65535), "0",
+    Spec("CONSUMER_METRICS_PORT", "consumer_metrics_port", int_range(0, 65535), "0",
          "consumer's Prometheus port (events applied, duplicate, parked, dead-lettered); 0 = off"),
     Spec("RECONCILE_TZ", "reconcile_tz", _zone, "Asia/Seoul", "time zone of the business day"),
-    Spec("RECONCILE_SETTLE_LAG_S", "reconcile_settle_lag_s", _int(0, 86400), "60",
+    Spec("RECONCILE_SETTLE_LAG_S", "reconcile_settle_lag_s", int_range(0, 86400), "60",
          "money movements younger than this are not judged (still in flight)"),
-    Spec("RECONCILE_MINUTE", "reconcile_minute", _int(0, 59), "5", "minute of each hour the scheduled run starts"),
+    Spec("RECONCILE_MINUTE", "reconcile_minute", int_range(0, 59), "5", "minute of each hour the scheduled run starts"),
     Spec("KAFKA_TOPIC_PREFIX", "topic_prefix", str, "",
          "prefix of every Kafka topic name (several environments or test runs on one cluster)"),
 )

@@ -189,7 +189,7 @@ def _sentinels(raw: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+def int_range(lo: int, hi: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         try:
             value = int(raw)
@@ -273,24 +273,24 @@ SPECS: tuple[Spec, ...] = (
     Spec("REDIS_URL", "redis_url", _redis_url, "redis://127.0.0.1:6379/0", "Redis for the shared rate limit"),
     Spec("KAFKA_BOOTSTRAP", "kafka_bootstrap", _str, "", "Kafka brokers (host:port,...); only event commands use it"),
     Spec("HOST", "host", _str, "0.0.0.0", "address `payapp serve` listens on"),
-    Spec("PORT", "port", _int_range(1, 65535), "8080", "port `payapp serve` listens on"),
-    Spec("WORKERS", "workers", _int_range(1, 256), str(os.cpu_count() or 1),
+    Spec("PORT", "port", int_range(1, 65535), "8080", "port `payapp serve` listens on"),
+    Spec("WORKERS", "workers", int_range(1, 256), str(os.cpu_count() or 1),
          "worker processes sharing the port (SO_REUSEPORT); default: one per CPU"),
     Spec("AUTH", "auth", _choice("off", "apikey"), "off",
          "off: trust the merchantId in requests; apikey: Authorization: Bearer <key> decides the merchant"),
     Spec("CORS_ORIGINS", "cors_origins", _origins, "", "comma-separated browser origins allowed to call the API, or *"),
-    Spec("RATE_LIMIT_AUTHORIZE", "rate_limit_authorize", _int_range(1, 10**9), "30000",
+    Spec("RATE_LIMIT_AUTHORIZE", "rate_limit_authorize", int_range(1, 10**9), "30000",
          "authorize requests per minute per merchant"),
-    Spec("RATE_LIMIT_CAPTURE", "rate_limit_capture", _int_range(1, 10**9), "30000",
+    Spec("RATE_LIMIT_CAPTURE", "rate_limit_capture", int_range(1, 10**9), "30000",
          "capture requests per minute per merchant"),
-    Spec("RATE_LIMIT_REFUND", "rate_limit_refund", _int_range(1, 10**9), "15000",
+    Spec("RATE_LIMIT_REFUND", "rate_limit_refund", int_range(1, 10**9), "15000",
          "refund requests per minute per merchant"),
-    Spec("RATE_LIMIT_VOID", "rate_limit_void", _int_range(1, 10**9), "30000", "void requests per minute per merchant"),
+    Spec("RATE_LIMIT_VOID", "rate_limit_void", int_range(1, 10**9), "30000", "void requests per minute per merchant"),
     Spec("RATE_LIMIT_FAIL", "rate_limit_fail", _choice("open", "closed"), "open",
          "when Redis is unreachable: open = each worker enforces its share locally; closed = reject with 503"),
-    Spec("IDEMPOTENCY_LEASE_SECONDS", "idempotency_lease_seconds", _int_range(1, 3600), "10",
+    Spec("IDEMPOTENCY_LEASE_SECONDS", "idempotency_lease_seconds", int_range(1, 3600), "10",
          "longest a request may hold its idempotency key idle before MariaDB ends its transaction"),
-    Spec("DB_POOL_SIZE", "db_pool_size", _int_range(1, 1000), "16", "MariaDB connections per worker"),
+    Spec("DB_POOL_SIZE", "db_pool_size", int_range(1, 1000), "16", "MariaDB connections per worker"),
     Spec("SHUTDOWN_TIMEOUT", "shutdown_timeout", _positive_float, "30",
          "seconds a worker waits for in-flight requests after SIGTERM"),
     Spec("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive_float, "75", "idle HTTP keep-alive seconds"),
