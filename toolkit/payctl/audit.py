@@ -93,3 +93,12 @@ def read_local(home: Path, deployment: str, last: int = 20) -> list[dict[str, ob
         except ValueError:
             continue
     return out
+
+
+def last_change(home: Path, deployment: str) -> dict[str, object] | None:
+    """The deployment's latest audited change (an apply, its gate, a down), as ``payctl status`` shows it."""
+    records = read_local(home, deployment, last=1)
+    if not records or not isinstance(records[-1], dict):
+        return None
+    rec = records[-1]
+    return {k: rec.get(k) for k in ("command", "phase", "result", "when", "error")}

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from payctl import hosts, monitoring, operate
+from payctl import audit, hosts, monitoring, operate
 from payctl.errors import ConfigError
 from payctl.inventory import load_inventory, resolve_inventory_path
 from payctl.paths import payctl_home
@@ -42,7 +42,8 @@ def status_cmd(
     mon = monitoring.status(inv, _home(), hosts.is_lab(inv)) if live else None
     if as_json:
         nodes = [r.as_dict() for r in rows]
-        doc: dict[str, object] = {"deployment": inv.deployment, "nodes": nodes}
+        doc: dict[str, object] = {"deployment": inv.deployment, "nodes": nodes,
+                                  "last_change": audit.last_change(_home(), inv.deployment)}
         if mon is not None:
             for n in nodes:
                 figures = mon.figures.node(str(n["node"])) if mon.figures else {}
@@ -75,8 +76,18 @@ def status_cmd(
             console.print(_figures_line(mon.figures.node(r.node)))
     if mon is not None:
         _print_monitoring(console, mon)
+    last = audit.last_change(_home(), inv.deployment)
+    if last is not None:
+        console.print(_last_change_line(last))
     if not all(r.reachable for r in rows):
         raise typer.Exit(1)
+
+
+def _last_change_line(last: Mapping[str, object]) -> str:
+    """One line for the latest audited change; a failed gate stands out (the deployment stays as applied)."""
+    color = "green" if last.get("result") == "ok" else "red"
+    line = f"last change: {last.get('command')} -> [{color}]{last.get('result')}[/] at {last.get('when')}"
+    return line + (f" ({last['error']})" if last.get("error") else "")
 
 
 def _figures_line(figures: Mapping[str, float]) -> str:
