@@ -89,7 +89,8 @@ def test_overcommit_is_an_error_unless_allowed(tmp_path: Path, capsys: pytest.Ca
         "error: ktcloud-pay: the capacity plan for phase 2 does not fit\n"
         "  - node1: CPU limits sum to 4.6 but the node has 4 CPUs (0.25 reserved for the OS): app 2, relay 0.05, "
         "consumer 1.5, mariadb 0.5, redis 0.25, kafka 0.25, nginx 0.05\n"
-        "hint: lower overrides.cpus/memory_mb, use bigger nodes, or set overrides.allow_overcommit (payctl plan: --allow-overcommit) to go ahead anyway\n"
+        "hint: lower overrides.cpus/memory_mb, use bigger nodes, or set overrides.allow_overcommit "
+        "(payctl plan: --allow-overcommit) to go ahead anyway\n"
     )
     assert run(["plan", "-i", str(path), "--phase", "2", "--allow-overcommit"]) == 0
     out = capsys.readouterr().out

@@ -449,7 +449,8 @@ def make_plan(
     if book.problems:
         raise ConfigError(
             f"{inv.deployment}: the capacity plan for phase {phase.number} does not fit",
-            hint="lower overrides.cpus/memory_mb, use bigger nodes, or set overrides.allow_overcommit (payctl plan: --allow-overcommit) to go ahead anyway",
+            hint="lower overrides.cpus/memory_mb, use bigger nodes, or set overrides.allow_overcommit "
+            "(payctl plan: --allow-overcommit) to go ahead anyway",
             problems=book.problems,
         )
     return Plan(
