@@ -14,6 +14,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 
 import uvloop
 from aiohttp import web
@@ -24,6 +26,39 @@ from payapp.server import EXIT_NO_RESTART
 from payapp.settings import Settings
 
 log = logging.getLogger("payapp.worker")
+
+#: After the drain's own deadline (PAYAPP_SHUTDOWN_TIMEOUT for in-flight requests, then this for closing pools and
+#: clients), a worker exits no matter what: a cleanup that never returns must not leave a process that holds memory
+#: and DB connections forever (seen: orphaned workers of a dead master, 70+ min in their drain, ignoring SIGTERM).
+CLEANUP_GRACE_SECONDS = 10.0
+EXIT_DRAIN_TIMEOUT = 3  # the drain overran its deadline; the master logs it and does not restart a stopping worker
+
+
+def start_drain_watchdog(seconds: float, exit_code: int = EXIT_DRAIN_TIMEOUT) -> threading.Thread:
+    """Hard deadline that works even if the event loop is blocked: a daemon thread that ``os._exit``s after
+    ``seconds`` unless the process has exited by then."""
+
+    def fire() -> None:
+        time.sleep(seconds)
+        log.error("drain did not finish within %.0fs: exiting now", seconds)
+        logging.shutdown()
+        os._exit(exit_code)
+
+    thread = threading.Thread(target=fire, name="drain-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+async def drain(runner: web.AppRunner, shutdown_timeout: float) -> int:
+    """Stop accepting, let in-flight requests finish (aiohttp's shutdown_timeout), then close the app's pools and
+    clients; returns 0, or EXIT_DRAIN_TIMEOUT when the whole drain overran shutdown_timeout + CLEANUP_GRACE_SECONDS."""
+    budget = shutdown_timeout + CLEANUP_GRACE_SECONDS
+    try:
+        await asyncio.wait_for(runner.cleanup(), timeout=budget)
+    except TimeoutError:
+        log.error("drain overran %.0fs (a pool or client did not close): exiting anyway", budget)
+        return EXIT_DRAIN_TIMEOUT
+    return 0
 
 
 def configure_logging(level: str) -> None:
@@ -61,8 +96,10 @@ async def serve(settings: Settings) -> int:
     log.info("worker listening on %s:%d", settings.host, settings.port)
     await stop.wait()
     log.info("draining: finishing in-flight requests (up to %.0fs)", settings.shutdown_timeout)
-    await runner.cleanup()
-    return 0
+    # The loop-level deadline in drain() is the normal path; the watchdog is the backstop for a blocked loop or a
+    # hang after it (closing the loop waits for executor threads). It stays armed until the process exits.
+    start_drain_watchdog(settings.shutdown_timeout + CLEANUP_GRACE_SECONDS + 5.0)
+    return await drain(runner, settings.shutdown_timeout)
 
 
 def main() -> int:
