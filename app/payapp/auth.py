@@ -13,8 +13,6 @@ import hashlib
 import secrets
 import time
 
-import asyncmy
-
 from payapp import db
 from payapp.errors import ApiError, PayappError
 from payapp.settings import DbTarget
@@ -38,7 +36,7 @@ def unauthorized(message: str) -> ApiError:
 class ApiKeys:
     """Resolves ``Authorization: Bearer`` keys to merchant ids, with a small per-worker cache."""
 
-    def __init__(self, pool: asyncmy.Pool) -> None:
+    def __init__(self, pool: db.Pool) -> None:
         self._pool = pool
         self._cache: dict[str, tuple[str, float]] = {}  # key hash -> (merchant id, expires at)
 

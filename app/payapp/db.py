@@ -13,6 +13,9 @@ Sessions run in UTC with READ COMMITTED; ``idle_transaction_timeout`` is the lea
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -72,12 +75,56 @@ def session_init(lease_seconds: int) -> str:
     )
 
 
-async def create_pool(target: DbTarget, size: int, lease_seconds: int) -> asyncmy.Pool:
-    """A pool of ``size`` connections, opened lazily, each in the session setup above."""
-    return await asyncmy.create_pool(
+class PoolTimeout(ConnectionError):
+    """No pooled connection became free within the pool timeout: the API answers 503 with Retry-After."""
+
+
+class Pool:
+    """asyncmy's pool with a bound on the wait for a free connection (PAYAPP_DB_POOL_TIMEOUT_MS).
+
+    Under overload a request that waits for a connection longer than its latency budget is better failed fast (503,
+    the client retries with its idempotency key) than queued: the queue only grows and every request behind it
+    misses its deadline too. ``timeout`` None waits as long as it takes (asyncmy's own behaviour).
+    """
+
+    def __init__(self, raw: asyncmy.Pool, timeout: float | None) -> None:
+        self.raw = raw
+        self.timeout = timeout
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncmy.Connection]:
+        try:
+            conn: asyncmy.Connection = await asyncio.wait_for(self.raw.acquire(), self.timeout)
+        except TimeoutError:
+            raise PoolTimeout(f"no free database connection within {self.timeout:g}s") from None
+        try:
+            yield conn
+        finally:
+            self.raw.release(conn)
+
+    @property
+    def size(self) -> int:
+        return int(self.raw.size)
+
+    @property
+    def freesize(self) -> int:
+        return int(self.raw.freesize)
+
+    def close(self) -> None:
+        self.raw.close()
+
+    async def wait_closed(self) -> None:
+        await self.raw.wait_closed()
+
+
+async def create_pool(target: DbTarget, size: int, lease_seconds: int, timeout_ms: int = 0) -> Pool:
+    """A pool of ``size`` connections, opened lazily, each in the session setup above; ``timeout_ms`` (0: none)
+    bounds the wait for a free connection."""
+    raw = await asyncmy.create_pool(
         minsize=0, maxsize=size, pool_recycle=3600,
         **connect_kwargs(target, init_command=session_init(lease_seconds)),
     )
+    return Pool(raw, timeout_ms / 1000 if timeout_ms else None)
 
 
 async def connect(target: DbTarget, *, database: bool = True) -> asyncmy.Connection:

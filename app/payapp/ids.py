@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncmy
-
 from payapp import db
 
 BLOCK = 1000
@@ -27,7 +25,7 @@ BLOCK = 1000
 class IdBlocks:
     """Ids of one table, from the blocks of sequence ``sequence``; ``column`` of ``table`` is where they go."""
 
-    def __init__(self, pool: asyncmy.Pool, sequence: str, table: str, column: str) -> None:
+    def __init__(self, pool: db.Pool, sequence: str, table: str, column: str) -> None:
         self._pool = pool
         self._sequence = sequence
         self._table = table
@@ -58,9 +56,9 @@ class IdBlocks:
         self._next, self._end = (block - 1) * BLOCK + 1, block * BLOCK + 1
 
 
-def payment_ids(pool: asyncmy.Pool) -> IdBlocks:
+def payment_ids(pool: db.Pool) -> IdBlocks:
     return IdBlocks(pool, "payment_id_block", "payment", "payment_id")
 
 
-def operation_ids(pool: asyncmy.Pool) -> IdBlocks:
+def operation_ids(pool: db.Pool) -> IdBlocks:
     return IdBlocks(pool, "operation_id_block", "payment_operation", "operation_id")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncmy
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from payapp import db
 from payapp.auth import ApiKeys
 from payapp.codec import Codec
 from payapp.metrics import Metrics
@@ -16,7 +16,7 @@ from payapp.settings import Settings
 SETTINGS = web.AppKey("settings", Settings)
 CODEC = web.AppKey("codec", Codec)
 METRICS = web.AppKey("metrics", Metrics)
-DB_POOL = web.AppKey("db_pool", asyncmy.Pool)
+DB_POOL = web.AppKey("db_pool", db.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
 PAYMENTS = web.AppKey("payments", Payments)
 API_KEYS = web.AppKey("api_keys", ApiKeys)

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncmy
 
-from payapp import idempotency, ids, ledger, outbox
+from payapp import db, idempotency, ids, ledger, outbox
 from payapp.db import Batch, BatchError, iso, rollback_quietly, utcnow
 from payapp.errors import ApiError, invalid_state, not_found
 from payapp.idempotency import Claim
@@ -157,7 +157,7 @@ def plan_change(p: Payment, req: ChangeRequest) -> Change:
 class Payments:
     """The payment operations over one connection pool. ``dumps`` renders response bodies (the JSON knob)."""
 
-    def __init__(self, pool: asyncmy.Pool, dumps: Callable[[Any], bytes], lease_seconds: int) -> None:
+    def __init__(self, pool: db.Pool, dumps: Callable[[Any], bytes], lease_seconds: int) -> None:
         self._pool = pool
         self._dumps = dumps
         self._lease = lease_seconds

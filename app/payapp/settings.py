@@ -63,6 +63,7 @@ class Settings:
     rate_limit_fail: Literal["open", "closed"]
     idempotency_lease_seconds: int
     db_pool_size: int
+    db_pool_timeout_ms: int
     shutdown_timeout: float
     keepalive_timeout: float
     body_timeout: float
@@ -291,6 +292,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("IDEMPOTENCY_LEASE_SECONDS", "idempotency_lease_seconds", int_range(1, 3600), "10",
          "longest a request may hold its idempotency key idle before MariaDB ends its transaction"),
     Spec("DB_POOL_SIZE", "db_pool_size", int_range(1, 1000), "16", "MariaDB connections per worker"),
+    Spec("DB_POOL_TIMEOUT_MS", "db_pool_timeout_ms", int_range(0, 600_000), "0",
+         "longest a request waits for a free MariaDB connection before 503 + Retry-After (0: no bound)"),
     Spec("SHUTDOWN_TIMEOUT", "shutdown_timeout", _positive_float, "30",
          "seconds a worker waits for in-flight requests after SIGTERM"),
     Spec("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive_float, "75", "idle HTTP keep-alive seconds"),

@@ -1,0 +1,39 @@
+"""PAYAPP_DB_POOL_TIMEOUT_MS (phase 3's pool timeouts): with every pooled connection busy, a request fails fast with
+503 + Retry-After instead of queueing behind them, and the pool serves again once a connection is back."""
+
+from __future__ import annotations
+
+import time
+
+from payapp.keys import DB_POOL
+from payapp.settings import Settings
+from tests.app.conftest import AppDatabase, app_client, make_env, merchant
+from tests.app.test_api import assert_error, authorize, call
+from tests.support.services import Redis
+
+
+async def test_a_request_waiting_longer_than_the_pool_timeout_gets_503(
+    app_db: AppDatabase, redis_server: Redis
+) -> None:
+    env = make_env(app_db.url, redis_server.url(), DB_POOL_SIZE=1, DB_POOL_TIMEOUT_MS=200)
+    async with app_client(Settings.from_env(env)) as client:
+        m = merchant()
+        await authorize(client, m, 1_000, key="warm")  # the pool's one connection exists now
+        pool = client.app[DB_POOL]
+        async with pool.acquire():  # a slow request holds the only connection
+            start = time.monotonic()
+            status, body, headers = await call(client, "POST", "/payments/authorize", {
+                "merchantId": m, "amount": 2_000, "currency": "KRW", "idempotencyKey": "waits"})  # fmt: skip
+            waited = time.monotonic() - start
+        assert_error(status, body, 503, "SERVICE_UNAVAILABLE")
+        assert headers["Retry-After"] == "1"
+        assert 0.15 < waited < 5
+        # The connection is back: the retry with the same idempotency key succeeds, and nothing was half-written.
+        again = await authorize(client, m, 2_000, key="waits")
+        assert again["status"] == "REQUESTED"  # the API's state after authorize
+        assert app_db.scalar(f"SELECT COUNT(*) FROM payment WHERE merchant_id = '{m}'") == 2
+
+
+async def test_no_timeout_by_default(app_db: AppDatabase, redis_server: Redis) -> None:
+    async with app_client(Settings.from_env(make_env(app_db.url, redis_server.url()))) as client:
+        assert client.app[DB_POOL].timeout is None
