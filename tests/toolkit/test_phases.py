@@ -78,3 +78,29 @@ def test_bad_phase_file_is_one_config_error(tmp_path: Path) -> None:
     assert info.value.message == f"{tmp_path / 'phase2.yml'}: invalid phase file"
     assert info.value.problems[0].startswith("features[3]: must be one of 'nginx_lb'")
     assert info.value.problems[1] == "gate: mix weights must be >= 0 and sum to 1 (they sum to 0.5)"
+
+
+def test_producer_batching_is_the_teams_plan_and_renders_into_the_app_env() -> None:
+    from payctl.inventory import load_inventory
+    from payctl.plan import make_plan
+
+    assert load_phase(2).producer is None
+    for n in (3, 4, 5):
+        producer = load_phase(n).producer
+        assert producer is not None
+        assert (producer.batch_bytes, producer.linger_ms, producer.compression) == (16384, 10, "lz4")
+    env = dict(make_plan(load_inventory("ktcloud-1node"), load_phase(3)).nodes[0].app.env)  # type: ignore[union-attr]
+    assert (env["PAYAPP_KAFKA_BATCH_SIZE"], env["PAYAPP_KAFKA_LINGER_MS"], env["PAYAPP_KAFKA_COMPRESSION"]) == (
+        "16384", "10", "lz4")  # fmt: skip
+
+
+def test_producer_batching_without_its_settings_names_the_file(tmp_path: Path) -> None:
+    for f in data_dir("phases").glob("phase*.yml"):
+        shutil.copy(f, tmp_path / f.name)
+    data = yaml.safe_load((tmp_path / "phase3.yml").read_text())
+    del data["producer"]
+    (tmp_path / "phase3.yml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_phase(3, tmp_path)
+    assert info.value.message == f"{tmp_path / 'phase3.yml'}: feature producer_batching without a 'producer' block"
+    assert "linger_ms: 10" in (info.value.hint or "")

@@ -102,6 +102,16 @@ class Requires(BaseModel):
     nodes: tuple[str, ...] = Field(default=(), description="Node names that must be in the inventory.")
 
 
+class Producer(BaseModel):
+    """Kafka producer batching for the app's outbox relay (the team's phase 3: 16 KB batches, 10 ms linger, lz4)."""
+
+    model_config = _FROZEN
+
+    batch_bytes: int = Field(..., ge=1024, le=16 * 1024 * 1024, description="Producer batch.size in bytes.")
+    linger_ms: int = Field(..., ge=0, le=10_000, description="How long the producer waits to fill a batch.")
+    compression: Literal["lz4", "gzip", "snappy", "zstd", "none"] = Field(..., description="Batch compression codec.")
+
+
 class PhaseFile(BaseModel):
     """One phase file as written (only what this phase adds)."""
 
@@ -112,6 +122,7 @@ class PhaseFile(BaseModel):
     features: tuple[Feature, ...]
     requires: Requires = Field(default=Requires())
     rate_limits: RateLimits | None = None
+    producer: Producer | None = Field(default=None, description="Producer batching (phase 3 on).")
     gate: Gate
 
 
@@ -126,6 +137,7 @@ class Phase(BaseModel):
     new_features: tuple[Feature, ...]
     requires: Requires
     rate_limits: RateLimits
+    producer: Producer | None
     gate: Gate
 
     def has(self, feature: Feature) -> bool:
@@ -157,6 +169,7 @@ def load_phase(number: int, directory: Path | None = None) -> Phase:
     features: list[Feature] = []
     checks: list[Check] = []
     rate_limits: RateLimits | None = None
+    producer: Producer | None = None
     last: PhaseFile | None = None
     for n in range(1, number + 1):
         pf = _read(folder / f"phase{n}.yml")
@@ -165,10 +178,16 @@ def load_phase(number: int, directory: Path | None = None) -> Phase:
         features += [f for f in pf.features if f not in features]
         checks += [c for c in pf.gate.checks if c not in checks]
         rate_limits = pf.rate_limits or rate_limits
+        producer = pf.producer or producer
         last = pf
     assert last is not None
     if rate_limits is None:
         raise ConfigError(f"{folder / 'phase1.yml'}: rate_limits missing", hint="phase 1 must declare rate_limits")
+    if "producer_batching" in features and producer is None:
+        raise ConfigError(
+            f"{folder / f'phase{number}.yml'}: feature producer_batching without a 'producer' block",
+            hint="add producer: {batch_bytes: 16384, linger_ms: 10, compression: lz4} to the phase that turns it on",
+        )
     return Phase(
         number=number,
         title=last.title,
@@ -176,5 +195,6 @@ def load_phase(number: int, directory: Path | None = None) -> Phase:
         new_features=last.features,
         requires=last.requires,
         rate_limits=rate_limits,
+        producer=producer,
         gate=last.gate.model_copy(update={"checks": tuple(checks)}),
     )

@@ -329,13 +329,18 @@ def app_settings(
     ]
     if timeout_ms is not None:
         env.append(("PAYAPP_DB_POOL_TIMEOUT_MS", str(timeout_ms)))
-    if phase.has("producer_batching"):
-        env += [("PAYAPP_KAFKA_LINGER_MS", "5"), ("PAYAPP_KAFKA_BATCH_SIZE", "65536")]
+    if phase.has("producer_batching") and phase.producer is not None:
+        prod = phase.producer
+        env += [
+            ("PAYAPP_KAFKA_BATCH_SIZE", str(prod.batch_bytes)),
+            ("PAYAPP_KAFKA_LINGER_MS", str(prod.linger_ms)),
+            ("PAYAPP_KAFKA_COMPRESSION", prod.compression),
+        ]
         book.why(
             f"{n}.app.kafka_linger_ms",
-            5,
-            "phase 3 producer batching: 5 ms linger and 64 KB batches trade "
-            "a few ms of event latency for far fewer requests",
+            prod.linger_ms,
+            f"phase {phase.number} producer batching ({prod.batch_bytes // 1024} KB batches, {prod.compression}): "
+            "a few ms of event latency for far fewer broker requests",
         )
     return AppPlan(workers, pool, timeout_ms, node.private_address, PORTS["app"], tuple(env))
 
