@@ -9,7 +9,12 @@ them; only ``payctl.cli`` formats them and chooses the exit code. Third-party er
     ├── DeployError             a step on a host failed (exit 1)
     │   └── LockHeld            another apply holds the deployment lock (exit 1)
     ├── GateFailed              a verify gate criterion failed (exit 1)
-    └── TargetUnreachable       the load target or k6 could not be used (exit 3)
+    ├── TargetUnreachable       the load target or k6 could not be used (exit 3)
+    └── Interrupted             Ctrl-C (SIGINT) stopped a command part-way (exit 130)
+
+Ctrl-C arrives as ``KeyboardInterrupt``; a command that can be stopped half-way translates it into ``Interrupted``
+(with what was left and how to finish) once its own cleanup has run, because typer turns a bare KeyboardInterrupt
+into a silent exit 130.
 """
 
 from __future__ import annotations
@@ -53,3 +58,7 @@ class GateFailed(PayctlError):
 
 class TargetUnreachable(PayctlError):
     exit_code = 3
+
+
+class Interrupted(PayctlError):
+    exit_code = 130

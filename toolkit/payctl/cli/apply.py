@@ -19,7 +19,7 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 from rich.syntax import Syntax
 
 from payctl import audit, deploy, hosts, lock
-from payctl.errors import ConfigError
+from payctl.errors import ConfigError, Interrupted
 from payctl.inventory import load_inventory, resolve_inventory_path
 from payctl.paths import payctl_home
 from payctl.phase import PHASES
@@ -125,6 +125,14 @@ def _apply(phase: int, inventory: str, dry_run: bool, yes: bool, no_verify: bool
                               break_lock=break_lock)  # fmt: skip
     try:
         result = deploy.apply(req, hooks)
+    except KeyboardInterrupt:
+        # deploy.apply has released the lock and audited the apply as failed on the way out.
+        left = "a dry run changes nothing" if dry_run else (
+            "no deploy lock is left behind and the audit line says failed; the phase may be half-applied: "
+            "run the same command again to complete it"
+        )  # fmt: skip
+        raise Interrupted(f"interrupted (Ctrl-C) during payctl phase{phase} apply" + (" --dry-run" if dry_run else ""),
+                          hint=left) from None  # fmt: skip
     finally:
         hooks.stop()
     if result.lock_broken is not None:
