@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaError
 
 from payapp import db
 from payapp.events import (
+    TOPICS,
     EventSettings,
     Lag,
     acquire_lease,
@@ -63,6 +64,7 @@ class RelayState:
     purged: int = 0
     producer_resets: int = 0
     publish_errors: int = 0
+    dead_lettered: int = 0  # outbox rows the relay could not route (unknown topic), moved to dlq_event
     oldest_unpublished_s: float = 0.0
     dlq_open: int = 0
     lag: dict[str, int] = field(default_factory=dict)
@@ -131,6 +133,10 @@ class Relay:
             self.s.relay_batch,
         )).rows
         await self._purge(conn)  # at most once a minute, also when the outbox never empties
+        unroutable = [r for r in rows if str(r[1]) not in TOPICS]
+        if unroutable:
+            await self._dead_letter(conn, unroutable)
+            rows = tuple(r for r in rows if str(r[1]) in TOPICS)
         if not rows:
             await sleep_until(stop, self.s.relay_poll_s)
             return
@@ -147,6 +153,36 @@ class Relay:
                 # A partial round means we are caught up: wait a poll interval so the next round carries a batch
                 # instead of one or two rows (fewer queries, fewer produce requests; <= RELAY_POLL_S of latency).
                 await sleep_until(stop, self.s.relay_poll_s)
+
+    async def _dead_letter(self, conn: asyncmy.Connection, rows: list[tuple[Any, ...]]) -> None:
+        """Rows whose topic this relay does not know (a newer release wrote them during a rolling upgrade, or a bug)
+        would fail their send forever and block every row behind them: move them to dlq_event (source
+        ``outbox-relay``, visible in ``payapp dlq list`` and the payapp_dlq_open gauge) and mark them handled, in one
+        transaction. payment_id stays NULL in the dead letter so the consumer does not park the payment's other,
+        routable events behind an event it will never see; the id is in the error text."""
+        ids = [int(r[0]) for r in rows]
+        marks = ",".join(["%s"] * len(ids))
+        await conn.begin()
+        try:
+            await db.execute(
+                conn,
+                "INSERT INTO dlq_event (source, event_id, payment_id, topic, `sequence`, payload, error, attempts,"
+                " status, created_at) SELECT 'outbox-relay', event_id, NULL, topic, `sequence`, payload,"
+                " CONCAT('unknown topic ', topic, ' (payment ', payment_id, ', outbox id ', id,"
+                " '): this relay publishes only known topics'), 1, 'OPEN', UTC_TIMESTAMP(6)"
+                f" FROM outbox_event WHERE id IN ({marks})",
+                *ids,
+            )
+            await db.execute(
+                conn, f"UPDATE outbox_event SET published_at = UTC_TIMESTAMP(6) WHERE id IN ({marks})", *ids
+            )
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            raise
+        self.state.dead_lettered += len(ids)
+        log.error("relay: %d outbox rows with unknown topics moved to the DLQ (%s)", len(ids),
+                  ", ".join(sorted({str(r[1]) for r in rows})))
 
     async def _publish(self, conn: asyncmy.Connection, rows: tuple[tuple[Any, ...], ...]) -> bool:
         """Send ``rows`` and wait for every ack (renewing the lease meanwhile); False: retry the round."""
@@ -260,6 +296,8 @@ class Relay:
             f"payapp_relay_producer_resets_total {st.producer_resets}",
             "# TYPE payapp_relay_publish_errors_total counter",
             f"payapp_relay_publish_errors_total {st.publish_errors}",
+            "# TYPE payapp_relay_dead_lettered_total counter",
+            f"payapp_relay_dead_lettered_total {st.dead_lettered}",
             "# TYPE payapp_outbox_backlog gauge", f"payapp_outbox_backlog {st.backlog}",
             "# TYPE payapp_outbox_oldest_unpublished_seconds gauge",
             f"payapp_outbox_oldest_unpublished_seconds {st.oldest_unpublished_s:.3f}",

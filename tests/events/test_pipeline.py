@@ -142,3 +142,28 @@ async def test_published_rows_are_purged_after_the_retention(pipeline: Pipeline,
     assert len(seen["payment.authorized"]) == 3
     relay.terminate()
     relay.wait(20)
+
+
+async def test_an_outbox_row_with_an_unknown_topic_is_dead_lettered_not_blocking(pipeline: Pipeline, api: Api) -> None:
+    # A row a newer release wrote (topic this relay does not know) sits first in the outbox, before routable rows.
+    p = pipeline
+    first = await api.authorize(700)
+    p.sql(
+        "INSERT INTO outbox_event (event_id, topic, event_type, payment_id, merchant_id, `sequence`, payload,"
+        f" created_at) SELECT UUID(), 'payment.teleported', 'PaymentTeleported', payment_id, merchant_id, 99, '{{}}',"
+        f" UTC_TIMESTAMP(6) FROM payment WHERE payment_id = {first}"
+    )
+    later = [await api.authorize(900) for _ in range(2)]
+    relay = p.start("relay")
+    await eventually(lambda: p.scalar("SELECT COUNT(*) FROM outbox_event WHERE published_at IS NULL") == 0, 30,
+                     "outbox drained past the unroutable row")  # fmt: skip
+    seen = await topic_event_ids(p, ("payment.authorized",))
+    assert len(seen["payment.authorized"]) == 3  # the routable rows behind it were published
+    dead = p.sql("SELECT source, topic, payment_id, status, error FROM dlq_event")
+    assert len(dead) == 1
+    assert dead[0][:4] == ["outbox-relay", "payment.teleported", "NULL", "OPEN"]
+    assert f"payment {first}" in dead[0][4]
+    assert all(pid > first for pid in later)
+    assert p.scalar("SELECT COUNT(*) FROM dlq_event") == 1  # handled once, not again on the next round
+    relay.terminate()
+    relay.wait(20)
