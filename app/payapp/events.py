@@ -92,6 +92,7 @@ class EventSettings:
     relay_poll_s: float
     publish_timeout_s: float
     outbox_retention_s: int
+    idempotency_retention_s: int
     lease_ttl_s: float
     consumer_max_attempts: int
     metrics_port: int
@@ -147,6 +148,8 @@ EVENT_SPECS: tuple[Spec, ...] = (
          "how long the relay waits for acks before it abandons its producer and retries"),
     Spec("OUTBOX_RETENTION_S", "outbox_retention_s", int_range(0, 10**9), "604800",
          "published outbox rows (and processed-event ids) older than this are purged"),
+    Spec("IDEMPOTENCY_RETENTION_S", "idempotency_retention_s", int_range(0, 10**9), "604800",
+         "idempotency keys older than this are purged (a retry after that creates a new operation)"),
     Spec("LEASE_TTL_S", "lease_ttl_s", _float, "10", "relay lease; a standby takes over this long after a crash"),
     Spec("CONSUMER_MAX_ATTEMPTS", "consumer_max_attempts", int_range(1, 100), "3",
          "failures of one message before it goes to payment.dlq"),

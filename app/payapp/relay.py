@@ -236,14 +236,20 @@ class Relay:
         task.add_done_callback(self._abandoned.discard)
 
     async def _purge(self, conn: asyncmy.Connection) -> None:
-        if time.monotonic() - self._purged_at < min(60.0, max(1.0, self.s.outbox_retention_s / 10)):
+        shortest = min(self.s.outbox_retention_s, self.s.idempotency_retention_s)
+        if time.monotonic() - self._purged_at < min(60.0, max(1.0, shortest / 10)):
             return
         self._purged_at = time.monotonic()
-        for table, column in (("outbox_event", "published_at"), ("processed_event", "processed_at")):
+        for table, column, retention in (
+            ("outbox_event", "published_at", self.s.outbox_retention_s),
+            ("processed_event", "processed_at", self.s.outbox_retention_s),
+            # Idempotency keys: a claim still IN_PROGRESS that old is dead (its lease is seconds), so age alone decides.
+            ("idempotency_key", "created_at", self.s.idempotency_retention_s),
+        ):
             res = await db.execute(
                 conn,
                 f"DELETE FROM {table} WHERE {column} < UTC_TIMESTAMP(6) - INTERVAL %s SECOND LIMIT 10000",
-                self.s.outbox_retention_s,
+                retention,
             )
             self.state.purged += max(res.rowcount, 0)
 

@@ -167,3 +167,15 @@ async def test_an_outbox_row_with_an_unknown_topic_is_dead_lettered_not_blocking
     assert p.scalar("SELECT COUNT(*) FROM dlq_event") == 1  # handled once, not again on the next round
     relay.terminate()
     relay.wait(20)
+
+
+async def test_idempotency_keys_are_purged_after_their_retention(pipeline: Pipeline, api: Api) -> None:
+    p = pipeline
+    for _ in range(3):
+        await api.authorize(600)
+    assert p.scalar("SELECT COUNT(*) FROM idempotency_key") == 3
+    relay = p.start("relay", PAYAPP_IDEMPOTENCY_RETENTION_S="0")
+    await eventually(lambda: p.scalar("SELECT COUNT(*) FROM idempotency_key") == 0, 30, "idempotency keys purged")
+    assert p.scalar("SELECT COUNT(*) FROM payment") == 3  # the keys go, never the payments
+    relay.terminate()
+    relay.wait(20)
