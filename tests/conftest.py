@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.labs import MANAGER, SharedLab, shared_lab_key
 from tests.support.services import MariaDB, Redis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -12,6 +13,45 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-golden", action="store_true", help="rewrite golden files instead of comparing")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "shared_lab(inventory, phase): use the session's shared lab deployment (tests/support/labs.py)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on a shared lab deployment go last, grouped by (inventory, phase), lower phases first: each deployment
+    is made once and a higher phase is applied on top of a lower one (sorted() is stable: file order within a group).
+    """
+    own = [item for item in items if shared_lab_key(item) is None]
+    shared = sorted((item for item in items if shared_lab_key(item) is not None), key=shared_lab_key)  # type: ignore[arg-type]
+    items[:] = own + shared
+
+
+@pytest.fixture(scope="session")
+def _shared_lab_session() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        MANAGER.release()
+
+
+@pytest.fixture
+def shared_lab(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    _shared_lab_session: None,
+) -> SharedLab:
+    """The deployment named by the test's ``shared_lab(inventory, phase)`` marker, with PAYCTL_HOME pointing at it."""
+    key = shared_lab_key(request.node)
+    if key is None:
+        pytest.fail("the shared_lab fixture needs @pytest.mark.shared_lab(inventory, phase)")
+    deployment = MANAGER.get(key[0], key[1], tmp_path_factory)
+    monkeypatch.setenv("PAYCTL_HOME", str(deployment.home))
+    return deployment
 
 
 @pytest.fixture(scope="session")

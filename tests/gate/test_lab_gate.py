@@ -1,41 +1,24 @@
 """The gate on a real lab deployment: lab-1node up, phase 2 applied over SSH, then `payctl verify` through nginx at
-10.77.0.11 with the server-side checks run inside the node's namespace. Holds the machine's lab lock."""
+10.77.0.11 with the server-side checks run inside the node's namespace. Uses the session's shared deployment
+(tests/support/labs.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from payctl import lab
 from payctl.cli import run
-from payctl.inventory import load_inventory
-from tests.lab.conftest import exclusive_lab
+from tests.support.labs import SharedLab
 
-pytestmark = [pytest.mark.slow, pytest.mark.lab]
+pytestmark = [pytest.mark.slow, pytest.mark.lab, pytest.mark.shared_lab("lab-1node", 2)]
 
 
-@pytest.fixture(scope="module")
-def lab_phase2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.fail("the lab tests need root (CI runs them as root)")
-    home = tmp_path_factory.mktemp("payctl-home")
-    inv = load_inventory("lab-1node")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PAYCTL_HOME", str(home))
-    try:
-        with exclusive_lab():
-            try:
-                lab.lab_up(inv, home)
-                assert run(["phase2", "apply", "-i", "lab-1node", "--yes", "--no-verify"]) == 0
-                yield home
-            finally:
-                lab.lab_down(inv, home)
-    finally:
-        mp.undo()
+@pytest.fixture
+def lab_phase2(shared_lab: SharedLab) -> Path:
+    """The session's shared lab-1node deployment at phase 2 (tests/support/labs.py); PAYCTL_HOME is set to it."""
+    return shared_lab.home
 
 
 def test_gate_passes_on_the_lab_with_server_checks(

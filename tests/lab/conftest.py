@@ -7,12 +7,9 @@ finalizer always tears the lab down, even when a test failed. A bystander namesp
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +17,9 @@ import pytest
 
 from payctl import lab
 from payctl.inventory import Inventory, load_inventory
+from tests.support.labs import exclusive_lab
 
-LOCK = Path("/run/payctl-lab-tests.lock")
+__all__ = ["Lab", "exclusive_lab", "ping_from"]
 
 # An ICMP echo from inside a namespace (ping(8) is not installed on every machine): exit 0 on a reply.
 PING = r"""
@@ -70,26 +68,6 @@ class Lab:
             "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=5", "-F", os.devnull, f"root@{address}", command,
         ]  # fmt: skip
         return subprocess.run(argv, capture_output=True, text=True, timeout=30)
-
-
-@contextmanager
-def exclusive_lab(timeout: float = 600) -> Iterator[None]:
-    """Hold the machine's lab for a whole test module. Every test that brings a lab up (10.77.0.0/24 is one network
-    per machine) should hold this, so two pytest runs never tear down each other's lab hosts."""
-    with LOCK.open("a") as lock:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"another lab test run held {LOCK} for {timeout:.0f}s")
-                time.sleep(1)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Monitoring on a real lab deployment: lab-1node up, phase 4 applied over SSH (Prometheus and the exporters under
 the node's supervisor), then Prometheus read through an SSH tunnel as `payctl status` and `payctl verify` do.
-Holds the machine's lab lock."""
+Uses the session's shared deployment (tests/support/labs.py)."""
 
 from __future__ import annotations
 
@@ -15,37 +15,23 @@ from pathlib import Path
 
 import pytest
 
-from payctl import lab, monitoring
+from payctl import monitoring
 from payctl.cli import run
 from payctl.inventory import load_inventory
 from payctl.plan import PORTS
 from payctl.prom import PromClient, tunnel
-from tests.lab.conftest import exclusive_lab
+from tests.support.labs import SharedLab
 from tests.support.services import wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.lab]
+pytestmark = [pytest.mark.slow, pytest.mark.lab, pytest.mark.shared_lab("lab-1node", 4)]
 
 JOBS = {"payapp", "relay", "consumer", "node", "mysqld", "redis", "nginx"}
 
 
-@pytest.fixture(scope="module")
-def lab_phase4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.fail("the lab tests need root (CI runs them as root)")
-    home = tmp_path_factory.mktemp("payctl-home")
-    inv = load_inventory("lab-1node")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PAYCTL_HOME", str(home))
-    try:
-        with exclusive_lab():
-            try:
-                lab.lab_up(inv, home)
-                assert run(["phase4", "apply", "-i", "lab-1node", "--yes", "--no-verify"]) == 0
-                yield home
-            finally:
-                lab.lab_down(inv, home)
-    finally:
-        mp.undo()
+@pytest.fixture
+def lab_phase4(shared_lab: SharedLab) -> Path:
+    """The session's shared lab-1node deployment at phase 4 (tests/support/labs.py); PAYCTL_HOME is set to it."""
+    return shared_lab.home
 
 
 @contextmanager

@@ -1,0 +1,148 @@
+"""Lab deployments shared across test modules: bring a lab up and apply a phase once, reuse it for every test that
+asks for the same (inventory, phase).
+
+A full ``lab up`` + ``phase4 apply`` costs about two minutes here, and the lab is one network per machine,
+so tests that only *use* a deployed lab (gate, monitoring, backup, drills, upgrade) share one instead of each making
+their own. A module opts in with::
+
+    pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.shared_lab("lab-1node", 4)]
+
+    def test_x(shared_lab: SharedLab) -> None: ...
+
+``tests/conftest.py`` moves those tests to the end of the session, grouped by (inventory, phase) in ascending phase
+order, so each deployment is made once; a higher phase on the same inventory is applied on top of the lower one (the
+path a real deployment takes). A test that leaves the deployment broken calls ``invalidate()``: the next user gets a
+fresh lab. The machine-wide lab lock (``exclusive_lab``) is held from the first bring-up until the deployment is torn
+down, and modules that make their own lab release the shared one first (one process never deadlocks on itself).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from payctl import lab
+from payctl.inventory import Inventory, load_inventory
+
+LOCK = Path("/run/payctl-lab-tests.lock")
+PAYCTL = (sys.executable, "-m", "payctl")
+
+
+def _acquire(timeout: float) -> IO[str]:
+    fh = LOCK.open("a")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fh
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                fh.close()
+                pytest.fail(f"another lab test run held {LOCK} for {timeout:.0f}s")
+            time.sleep(1)
+
+
+@contextmanager
+def exclusive_lab(timeout: float = 600) -> Iterator[None]:
+    """Hold the machine's lab for a whole test module. Every test that brings a lab up (10.77.0.0/24 is one network
+    per machine) holds this, so two pytest runs never tear down each other's lab hosts. A shared deployment held by
+    this process is torn down first."""
+    MANAGER.release()
+    fh = _acquire(timeout)
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+@dataclass(frozen=True)
+class SharedLab:
+    name: str  # the inventory as named on the command line (lab-1node)
+    home: Path
+    inventory: Inventory
+    phase: int
+
+    def invalidate(self) -> None:
+        """The deployment is no longer fit to share (a test broke it on purpose): tear it down now."""
+        MANAGER.release()
+
+    def payctl(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """Run the payctl CLI as a subprocess against this deployment (output captured)."""
+        env = {**os.environ, "PAYCTL_HOME": str(self.home)}
+        return subprocess.run([*PAYCTL, *argv], capture_output=True, text=True, env=env, timeout=900)
+
+
+class _Manager:
+    """At most one shared deployment at a time, in this process."""
+
+    def __init__(self) -> None:
+        self.current: SharedLab | None = None
+        self._lock: IO[str] | None = None
+
+    def get(self, inventory: str, phase: int, factory: pytest.TempPathFactory) -> SharedLab:
+        cur = self.current
+        if cur is not None and cur.name == inventory and cur.phase == phase:
+            return cur
+        if cur is not None and cur.name == inventory and cur.phase < phase:
+            self._apply(cur.home, inventory, phase)  # on top of the lower phase, as a real deployment grows
+            self.current = SharedLab(inventory, cur.home, cur.inventory, phase)
+            return self.current
+        self.release()
+        if os.geteuid() != 0:
+            pytest.fail("the lab tests need root (CI runs them as root)")
+        inv = load_inventory(inventory)
+        home = factory.mktemp(f"shared-{inventory}")
+        self._lock = _acquire(900)
+        try:
+            lab.lab_up(inv, home)
+            self.current = SharedLab(inventory, home, inv, 0)  # torn down by release() even if the apply fails
+            self._apply(home, inventory, phase)
+        except BaseException:
+            self.release()
+            raise
+        self.current = SharedLab(inventory, home, inv, phase)
+        return self.current
+
+    @staticmethod
+    def _apply(home: Path, inventory: str, phase: int) -> None:
+        env = {**os.environ, "PAYCTL_HOME": str(home)}
+        argv = [*PAYCTL, f"phase{phase}", "apply", "-i", inventory, "--yes", "--no-verify"]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"shared lab: {' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
+
+    def release(self) -> None:
+        cur, self.current = self.current, None
+        try:
+            if cur is not None:
+                lab.lab_down(cur.inventory, cur.home)
+        finally:
+            if self._lock is not None:
+                with suppress(OSError):
+                    fcntl.flock(self._lock, fcntl.LOCK_UN)
+                self._lock.close()
+                self._lock = None
+
+
+MANAGER = _Manager()
+
+
+def shared_lab_key(item: pytest.Item) -> tuple[str, int] | None:
+    marker = item.get_closest_marker("shared_lab")
+    if marker is None:
+        return None
+    inventory, phase = marker.args
+    return str(inventory), int(phase)
