@@ -29,6 +29,14 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kafka]:
     broker.remove()
 
 
+def noon_tz() -> str:
+    """A fixed-offset zone where it is about noon now: a test's payments and its `payapp reconcile` (which judges the
+    business day of that zone) never straddle a midnight, whatever the hour CI runs (Asia/Seoul's midnight is 15:00
+    UTC). Etc/GMT signs are inverted (Etc/GMT-9 is UTC+9)."""
+    offset = 12 - time.gmtime().tm_hour  # -11 .. +12
+    return "Etc/GMT" if offset == 0 else f"Etc/GMT{-offset:+d}"
+
+
 @dataclass
 class Pipeline:
     """One test's private world: a fresh migrated database, a topic prefix and a consumer group on the shared
@@ -58,6 +66,7 @@ class Pipeline:
             "PAYAPP_LEASE_TTL_S": "2",
             "PAYAPP_RELAY_PUBLISH_TIMEOUT_S": "5",
             "PAYAPP_RECONCILE_SETTLE_LAG_S": "0",
+            "PAYAPP_RECONCILE_TZ": noon_tz(),
             "PAYAPP_WORKERS": "1",
             "PAYAPP_LOG_LEVEL": "info",
         })
