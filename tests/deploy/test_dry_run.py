@@ -59,7 +59,7 @@ def test_dry_run_of_a_native_vm_inventory_uses_systemd(
     assert rc == 0, out.err
     assert "unit payctl-mariadb" in out.out and "systemd payctl-app" in out.out
     assert "stop and disable Debian's mariadb" in out.out
-    assert "install payapp into the virtualenv (pip --no-index)" in out.out
+    assert "install payapp release 0001-" in out.out and "(pip --no-index), switch current to it" in out.out
     assert "write supervisor/supervisord.conf" not in out.out
 
 

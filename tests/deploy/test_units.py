@@ -37,7 +37,7 @@ def test_a_changed_config_restarts_only_the_programs_that_read_it() -> None:
 
 
 def test_restart_wins_over_reload_and_order_follows_the_node() -> None:
-    fx = components.effects([components.VENV, "mariadb/my.cnf", "kafka/server.properties"], PROGRAMS)
+    fx = components.effects([components.RELEASE, "mariadb/my.cnf", "kafka/server.properties"], PROGRAMS)
     assert fx.restart == ("payctl-mariadb", "payctl-kafka", "payctl-app", "payctl-relay")
     assert components.effects(["systemd/payctl-app.service"], ["payctl-app"]).restart == ("payctl-app",)
 

@@ -167,7 +167,7 @@ def test_lab_uses_supervisor_and_vms_use_systemd() -> None:
     assert {"node1/systemd/payctl-mariadb.service", "node1/systemd/payctl-app.service",
             "witness/systemd/payctl-sentinel.service"} <= {f.key for f in units}
     app = vm["node1/systemd/payctl-app.service"].text
-    assert "ExecStart=/opt/payctl/venv/bin/payapp serve --env-file /opt/payctl/app.env" in app
+    assert "ExecStart=/opt/payctl/current/bin/payapp serve --env-file /opt/payctl/app.env" in app
     assert re.search(r"CPUQuota=\d+%", app) and re.search(r"MemoryMax=\d+M", app)
     results = validate_files({f.key: f for f in units})
     assert all(r.ok for r in results), [(r.key, r.detail) for r in results if not r.ok]

@@ -4,7 +4,8 @@ A rendered file (path relative to the node's prefix) is read by one or more prog
 lab, systemd units on VMs; both are named ``payctl-<component>``). When the file changes, exactly those programs are
 restarted, or reloaded where the program can re-read its config without dropping work (nginx, Prometheus: SIGHUP).
 Files nobody re-reads at runtime (SQL applied once, write-once Sentinel config, the firewall file) restart nothing.
-Artefacts that are not rendered files (the payapp virtualenv, the Kafka jars) are modelled the same way.
+Artefacts that are not rendered files (the payapp release ``current`` points at, the Kafka jars) are modelled the
+same way. ``payctl upgrade``/``rollback`` switch ``current`` themselves, node by node, and restart ``APP_PROGRAMS``.
 
 Pure data and functions: the deploy engine asks ``effects(changed_paths, programs)`` and gets the restart/reload
 sets; the preview shows the same sets the apply then executes.
@@ -24,7 +25,7 @@ Action = Literal["restart", "reload"]
 APP_PROGRAMS = ("payctl-app", "payctl-relay", "payctl-consumer")
 
 #: Artefacts that are not rendered files but change what a program runs.
-VENV = "venv"  # the payapp virtualenv, installed from the wheelhouse
+RELEASE = "current"  # the payapp release (a virtualenv from the wheelhouse) that <prefix>/current points at
 KAFKA_LIB = "kafka/lib"  # the Kafka jar bundle
 
 
@@ -47,7 +48,7 @@ READERS: Mapping[str, Reader] = MappingProxyType({
     "nginx/nginx.conf": Reader(("payctl-nginx",), "reload"),
     "nginx/tls/*": Reader(("payctl-nginx",), "reload"),  # certificate and key (payctl.tls): SIGHUP re-reads them
     "app.env": Reader(APP_PROGRAMS),
-    VENV: Reader(APP_PROGRAMS),
+    RELEASE: Reader(APP_PROGRAMS),
     "prometheus/prometheus.yml": Reader(("payctl-prometheus",), "reload"),
     "prometheus/rules/*.rules.yml": Reader(("payctl-prometheus",), "reload"),
     "prometheus/rules/*.test.yml": Reader(()),  # promtool's unit tests, not read by Prometheus

@@ -3,7 +3,7 @@
 All three go over the same SSH connection layer as apply (payctl.hosts). In the lab the programs run under the
 node's supervisord (``supervisorctl status``, logs in ``<prefix>/logs/<program>.log``); on VMs they are systemd units
 (``systemctl``/``journalctl``). ``down`` takes the deploy lock, stops every program and the supervisor, and with
-``purge_data`` removes datadirs, the virtualenv and the markers, so the next apply starts from scratch.
+``purge_data`` removes datadirs, the payapp releases and the markers, so the next apply starts from scratch.
 """
 
 from __future__ import annotations
@@ -255,8 +255,8 @@ def down(inv: Inventory, inventory_path: Path, home: Path, lab: bool, *, purge_d
                 stopped[node] = True
                 if purge_data:
                     ok, out, err = shell(
-                        f"rm -rf {p}/data {p}/venv {p}/wheelhouse {p}/kafka/lib {p}/payctl/deployment.json "
-                        f"{p}/payctl/users.applied {p}/payctl/migrated"
+                        f"rm -rf {p}/data {p}/venv {p}/current {p}/releases {p}/wheelhouse {p}/kafka/lib "
+                        f"{p}/payctl/deployment.json {p}/payctl/users.applied {p}/payctl/migrated"
                     )
                     if not ok:
                         raise DeployError(f"{node}: purging data failed: {err.strip() or out.strip()}")
