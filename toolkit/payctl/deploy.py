@@ -356,6 +356,7 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
             app_source() if inv.runtime == "compose" else None,
             req.home / "bundles",
             remote,
+            firewall=inv.firewall.enabled,
         )
         work = build_node(ctx, marker)
         works.append(work)

@@ -270,6 +270,21 @@ class TLS(BaseModel):
         return None if self.key is None else _local_path(self.key, home)
 
 
+class Firewall(BaseModel):
+    """The node firewall payctl renders for every node (`nftables.conf`, its own table `inet payctl`): SSH, and HTTP
+    (HTTPS with TLS) on the LB node, from anywhere; DB, Redis, Sentinel, Kafka, the app, exporters and Prometheus
+    only from the deployment's other nodes' private addresses (payctl itself reaches them through SSH). Other tables
+    (Docker's, the distribution's) are left alone."""
+
+    model_config = _FROZEN
+
+    enabled: bool = Field(
+        default=True,
+        description="Load the rendered rules on every node during apply (`nft -f`, atomic; again only when the file "
+        "changed or the table is gone). Off: the file is still rendered and written, not loaded.",
+    )
+
+
 def _local_path(value: str, home: Path | None) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else (home or payctl_home()) / p
@@ -293,6 +308,7 @@ class Inventory(BaseModel):
     prefix: str = Field(default="/opt/payctl", description="Directory for configs, data, logs on every node.")
     overrides: Overrides = Field(default=Overrides(), description="Replace the plan's own choices.")
     tls: TLS = Field(default=TLS(), description="HTTPS at the load balancer (see below); default off.")
+    firewall: Firewall = Field(default=Firewall(), description="The node firewall (nftables, see below); default on.")
     nodes: tuple[Node, ...] = Field(..., min_length=1, description="The hosts (a list).")
 
     @field_validator("deployment")
@@ -353,6 +369,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "overrides": Overrides,
     "rate_limits": RateLimits,
     "tls": TLS,
+    "firewall": Firewall,
 }
 
 
@@ -603,6 +620,7 @@ _DOC_SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("overrides", Overrides),
     ("overrides.rate_limits", RateLimits),
     ("tls", TLS),
+    ("firewall", Firewall),
 )
 
 _DOC_HEAD = """\

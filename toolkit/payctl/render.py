@@ -222,7 +222,7 @@ def _native_paths(prefix: str) -> dict[str, str]:
         "sentinel_pid": f"{prefix}/run/sentinel.pid",
         "kafka_data": f"{prefix}/data/kafka",
         "kafka_lib": f"{prefix}/kafka/lib",
-        "app_bin": f"{prefix}/current/bin",  # payctl.releases: current -> releases/<id>
+        "venv": f"{prefix}/venv",
     }
 
 
@@ -406,8 +406,9 @@ def _firewall(plan: Plan, node: NodePlan) -> dict[str, object]:
             else:
                 internal.add(p.port)
     peers = sorted(n.private_address for n in plan.active_nodes if n.name != node.name)
-    if node.nginx is not None and PORTS["http"] not in public:
-        public.append(PORTS["http"])
+    if node.nginx is not None:
+        # The LB answers the public side on 80 (and 443 with TLS) even where the node has no public address (labs).
+        public += [PORTS["http"]] + ([PORTS["https"]] if node.nginx.tls else [])
     return {
         "public_ports": sorted(set(public)),
         "internal_ports": sorted(internal - set(public)),
@@ -467,7 +468,7 @@ def _programs(plan: Plan, node: NodePlan, lab: bool, secret: SecretFn) -> list[_
                              ("consumer", "consume", "payapp event consumer")):  # fmt: skip
         if comp in comps:
             out.append(_Program(f"payctl-{comp}", comp, desc,
-                                f"{paths['app_bin']}/payapp {verb} --env-file {prefix}/app.env",
+                                f"{paths['venv']}/bin/payapp {verb} --env-file {prefix}/app.env",
                                 after=app_after, stop_timeout_s=30))  # fmt: skip
     if "prometheus" in comps and node.prometheus is not None:
         p = node.prometheus

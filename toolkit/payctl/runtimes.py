@@ -30,7 +30,7 @@ from typing import Any
 
 from pyinfra.operations import apt, files, server, systemd
 
-from payctl import components, releases, wheelhouse
+from payctl import components, wheelhouse
 from payctl.hosts import Connected
 from payctl.plan import NodePlan, Plan
 from payctl.render import RenderedFile, kafka_cluster_id
@@ -46,6 +46,9 @@ JRE = "openjdk-17-jre-headless"
 DOCKER_APT_LINE = (
     "deb [signed-by=/etc/apt/keyrings/docker.asc] https://download.docker.com/linux/debian bookworm stable"
 )
+#: The rendered firewall and the node-side record of the last one loaded (its sha256).
+FIREWALL_FILE = "nftables.conf"
+FIREWALL_APPLIED = "payctl/firewall.applied"
 #: Services Debian starts on install: they would hold our ports, so on VMs they are stopped and disabled.
 DEBIAN_SERVICES = ("mariadb", "redis-server", "redis-sentinel", "nginx", "prometheus", "prometheus-node-exporter",
                    "prometheus-mysqld-exporter", "prometheus-redis-exporter", "prometheus-nginx-exporter")  # fmt: skip
@@ -59,10 +62,8 @@ class NodeFacts:
     mariadb_initialised: bool = False
     kafka_formatted: bool = False
     marker: str = ""  # <prefix>/payctl/deployment.json: the deployment and its secrets fingerprint
-    release_manifest: str = ""  # sha256 of the manifest the current release was installed from
-    release_ok: bool = False  # <prefix>/current/bin/payapp exists
-    release_current: str = ""  # the release ``current`` points at (payctl.releases)
-    releases: tuple[str, ...] = ()  # complete releases on the node, as listed
+    venv_manifest: str = ""  # sha256 of the manifest the venv was installed from
+    venv_ok: bool = False
     supervisord_pid: int | None = None
     sentinel_conf: bool = False
     mariadb_read_only: bool | None = None
@@ -70,6 +71,7 @@ class NodeFacts:
     bundles: Mapping[str, str] = field(default_factory=dict)  # remote dir -> sha256 of its manifest ("" absent)
     users_applied: str = ""  # sha256 of the users.sql last applied successfully
     migrated: str = ""  # sha256 of the wheelhouse manifest whose migrations ran successfully
+    firewall: str = ""  # sha256 of the nftables.conf last loaded, when its table is still loaded
 
     @property
     def live(self) -> bool:
@@ -85,12 +87,16 @@ echo "python=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>
 [ -d "$P/data/mariadb/mysql" ] && echo mariadb_initialised=1
 [ -f "$P/data/kafka/meta.properties" ] && echo kafka_formatted=1
 [ -f "$P/payctl/deployment.json" ] && echo "marker=$(tr -d '\\n' < "$P/payctl/deployment.json")"
-{releases.facts_lines()}[ -f "$P/redis/sentinel.conf" ] && echo sentinel_conf=1
+[ -f "$P/venv/.payctl-manifest" ] && echo "venv_manifest=$(sha256sum < "$P/venv/.payctl-manifest" | cut -c1-64)"
+[ -x "$P/venv/bin/payapp" ] && echo venv_ok=1
+[ -f "$P/redis/sentinel.conf" ] && echo sentinel_conf=1
 for b in wheelhouse kafka/lib; do
   [ -f "$P/$b/MANIFEST.sha256" ] && echo "bundle:$b=$(sha256sum < "$P/$b/MANIFEST.sha256" | cut -c1-64)"
 done
 [ -f "$P/payctl/users.applied" ] && echo "users_applied=$(cat "$P/payctl/users.applied")"
 [ -f "$P/payctl/migrated" ] && echo "migrated=$(cat "$P/payctl/migrated")"
+[ -f "$P/{FIREWALL_APPLIED}" ] && nft list table inet payctl >/dev/null 2>&1 && \
+  echo "firewall=$(cat "$P/{FIREWALL_APPLIED}")"
 pid=$(cat "$P/run/supervisord.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null && echo "supervisord=$pid"
 if [ -S "$P/run/mariadb.sock" ]; then
   ro=$(mariadb --socket="$P/run/mariadb.sock" -uroot -N -e 'SELECT @@read_only' 2>/dev/null) && echo "mariadb_ro=$ro"
@@ -118,10 +124,8 @@ def parse_facts(text: str) -> NodeFacts:
         mariadb_initialised=kv.get("mariadb_initialised") == "1",
         kafka_formatted=kv.get("kafka_formatted") == "1",
         marker=kv.get("marker", ""),
-        release_manifest=kv.get("release_manifest", ""),
-        release_ok=kv.get("release_ok") == "1",
-        release_current=kv.get("release_current", ""),
-        releases=tuple(r for r in kv.get("releases", "").split(",") if r),
+        venv_manifest=kv.get("venv_manifest", ""),
+        venv_ok=kv.get("venv_ok") == "1",
         supervisord_pid=int(pid) if pid.isdigit() else None,
         sentinel_conf=kv.get("sentinel_conf") == "1",
         mariadb_read_only=None if ro not in ("0", "1") else ro == "1",
@@ -129,6 +133,7 @@ def parse_facts(text: str) -> NodeFacts:
         bundles={k.removeprefix("bundle:"): v for k, v in kv.items() if k.startswith("bundle:")},
         users_applied=kv.get("users_applied", ""),
         migrated=kv.get("migrated", ""),
+        firewall=kv.get("firewall", ""),
     )
 
 
@@ -139,7 +144,7 @@ class NodeWork:
     node: str
     files: list[str] = field(default_factory=list)  # rendered paths that will change
     new_files: list[str] = field(default_factory=list)
-    artefacts: list[str] = field(default_factory=list)  # current (the payapp release), kafka/lib
+    artefacts: list[str] = field(default_factory=list)  # venv, kafka/lib
     packages: list[str] = field(default_factory=list)
     restart: list[str] = field(default_factory=list)
     reload: list[str] = field(default_factory=list)
@@ -162,6 +167,8 @@ class BuildContext:
     #: absolute path -> "<sha256> <mode>" of files on the node, "dir" for directories, absent when missing
     #: (one command per node, see ``state_script``); None: unknown (fake connector) and every file is sent.
     remote: Mapping[str, str] | None = None
+    #: Load the rendered firewall (inventory ``firewall.enabled``).
+    firewall: bool = False
 
 
 class _Ops:
@@ -282,26 +289,18 @@ def _sync_bundle(ops: _Ops, label: str, local: list[Path], manifest: str, prefix
         ops.work.operations.append(f"{label}: manifest matches  (no change)")
         return False
     tar = bundle_tar(local, manifest, ops.ctx.bundle_cache)
-    upload = bundle_upload_path(prefix, rel)
+    upload = f"{prefix}/payctl/{rel.replace('/', '-')}.tar"
     ops.add(f"{label}: upload {len(local)} files as one tar", files.put, src=str(tar), dest=upload, mode="600",
             add_deploy_dir=False)  # fmt: skip
-    ops.shell(f"{label}: unpack into {rel}/", unpack_command(upload, remote_dir))
-    return True
-
-
-def bundle_upload_path(prefix: str, rel: str) -> str:
-    return f"{prefix}/payctl/{rel.replace('/', '-')}.tar"
-
-
-def unpack_command(upload: str, remote_dir: str) -> str:
-    """Unpack an uploaded bundle tar next to ``remote_dir`` and swap it in whole; the tar is removed."""
     q = shlex.quote
     new, old = q(remote_dir + ".new"), q(remote_dir + ".old")
-    return (
+    ops.shell(
+        f"{label}: unpack into {rel}/",
         f"set -e; rm -rf {new} {old}; mkdir -p {new}; tar -xf {q(upload)} -C {new}; "
         f"if [ -d {q(remote_dir)} ]; then mv {q(remote_dir)} {old}; fi; "
-        f"mv {new} {q(remote_dir)}; rm -rf {old} {q(upload)}"
+        f"mv {new} {q(remote_dir)}; rm -rf {old} {q(upload)}",
     )
+    return True
 
 
 def _kafka_manifest(lib: Path) -> tuple[list[Path], str]:
@@ -310,29 +309,25 @@ def _kafka_manifest(lib: Path) -> tuple[list[Path], str]:
     return jars, text
 
 
-def _install_app(ops: _Ops, ctx: BuildContext, python: str = "python3") -> bool:
-    """Wheelhouse to the node, then a new release (``payctl.releases``) installed from it with ``pip --no-index``,
-    ``current`` switched to it and old releases pruned; True when a release was installed (the app programs restart).
-
-    Nothing is installed when ``current`` already holds exactly this wheelhouse: a re-apply adds no release."""
+def _install_app(ops: _Ops, ctx: BuildContext, venv: str, python: str = "python3") -> bool:
+    """Wheelhouse to the node, payapp into the venv from it with ``pip --no-index``; True when (re)installed."""
     house = ctx.wheelhouse
     if house is None or (ctx.node.app is None and ctx.node.relay is None and ctx.node.consumer is None):
         return False
-    p = _prefix(ctx)
-    changed = _sync_bundle(ops, "wheelhouse", list(house.wheels), house.manifest, p, "wheelhouse")
-    if not changed and ctx.facts.release_ok and ctx.facts.release_manifest == sha256_text(house.manifest):
-        ops.work.operations.append(f"payapp release {ctx.facts.release_current} is current  (no change)")
+    wh = f"{_prefix(ctx)}/wheelhouse"
+    changed = _sync_bundle(ops, "wheelhouse", list(house.wheels), house.manifest, _prefix(ctx), "wheelhouse")
+    if not changed and ctx.facts.venv_ok and ctx.facts.venv_manifest == sha256_text(house.manifest):
+        ops.work.operations.append("payapp virtualenv up to date  (no change)")
         return False
-    name = releases.next_name(ctx.facts.releases, house.key)
-    kept = releases.keep([*ctx.facts.releases, name], name)
+    q = shlex.quote
     ops.shell(
-        f"install payapp release {name} (pip --no-index), switch current to it",
-        f"{releases.install_command(p, name, f'{p}/wheelhouse', python)} && {releases.switch_command(p, name)} && "
-        f"{releases.prune_command(p, kept)}",
+        "install payapp into the virtualenv (pip --no-index)",
+        f"set -e; [ -x {q(venv)}/bin/pip ] || {python} -m venv {q(venv)}; "
+        f"{q(venv)}/bin/pip install --quiet --disable-pip-version-check --no-index --find-links {q(wh)} "
+        f"--force-reinstall {q(wh)}/*.whl; cp {q(wh)}/{MANIFEST} {q(venv)}/.payctl-manifest",
     )
-    ops.work.artefacts.append(components.RELEASE)
-    ops.work.actions.append(f"install payapp release {name} from the wheelhouse ({len(house.wheels)} wheels), "
-                            f"current -> releases/{name} (keeps {', '.join(kept[:-1]) or 'no older release'})")
+    ops.work.artefacts.append(components.VENV)
+    ops.work.actions.append(f"install payapp from the wheelhouse ({len(house.wheels)} wheels) into {venv}")
     return True
 
 
@@ -359,6 +354,35 @@ def _kafka_steps(ops: _Ops, ctx: BuildContext, changed: list[str]) -> None:
     ops.work.actions.append("format Kafka storage (KRaft, once)")
 
 
+def _firewall(ops: _Ops, ctx: BuildContext) -> None:
+    """Load the node's nftables file when the inventory asks for it and the loaded one differs (or is gone).
+
+    ``nft -f`` applies the whole file as one transaction (the file deletes and recreates only ``table inet
+    payctl``), so established sessions, SSH included, carry on and a refused file changes nothing. Runs right after
+    the files are written, before any program starts, so a service never listens unprotected.
+    """
+    f = ctx.files.get(FIREWALL_FILE)
+    if not ctx.firewall or f is None:
+        return
+    if ctx.only and FIREWALL_FILE not in components.files_for_component(ctx.only, [FIREWALL_FILE]):
+        return
+    want = sha256_text(f.text)
+    if ctx.facts.firewall == want:
+        ops.work.operations.append("firewall loaded (table inet payctl)  (no change)")
+        return
+    ops.shell(
+        "load the firewall (nft -f nftables.conf: table inet payctl)", firewall_load_command(_prefix(ctx), f.text)
+    )
+    ops.work.actions.append("load the firewall (nft -f nftables.conf)")
+
+
+def firewall_load_command(prefix: str, text: str) -> str:
+    """Load ``<prefix>/nftables.conf`` (whose content is ``text``) and record it as the loaded one."""
+    q = shlex.quote
+    loaded = q(prefix + "/" + FIREWALL_APPLIED)
+    return f"nft -f {q(prefix + '/' + FIREWALL_FILE)} && echo {sha256_text(text)} > {loaded}"
+
+
 def _marker(ops: _Ops, ctx: BuildContext, marker_text: str) -> None:
     ops.add("record the deployment on the node", files.put, src=io.StringIO(marker_text),
             dest=f"{_prefix(ctx)}/payctl/deployment.json", mode="600")  # fmt: skip
@@ -381,15 +405,16 @@ def build_lab(ctx: BuildContext, marker_text: str) -> NodeWork:
     conf = f"{p}/supervisor/supervisord.conf"
     ctl = f"supervisorctl -c {q(conf)}"
     _directories(ops, ctx, p)
-    pkgs = list(LAB_PACKAGES) + ([JRE] if ctx.node.kafka is not None else [])
+    pkgs = list(LAB_PACKAGES) + ([JRE] if ctx.node.kafka is not None else []) + (["nftables"] if ctx.firewall else [])
     if ctx.node.prometheus is not None:
         pkgs += list(MONITORING_PACKAGES)
     if ops.add("system packages", apt.packages, packages=pkgs, update=False):
         work.packages += pkgs
     changed = _put_rendered(ops, ctx, p)
     work.files += changed
+    _firewall(ops, ctx)
     _kafka_steps(ops, ctx, changed)
-    installed = _install_app(ops, ctx)
+    installed = _install_app(ops, ctx, f"{p}/venv")
     initialised = False
     if ctx.node.mariadb is not None and not ctx.facts.mariadb_initialised:
         ops.shell(
@@ -458,7 +483,7 @@ def _users_and_migrate(ops: _Ops, ctx: BuildContext, changed: list[str], *, init
     if migrate:
         ops.shell(
             "run migrations (payapp migrate)",
-            f"{q(p)}/{releases.CURRENT}/bin/payapp migrate --env-file {q(p + '/app.env')} && "
+            f"{q(p)}/venv/bin/payapp migrate --env-file {q(p + '/app.env')} && "
             f"echo {want} > {q(p + '/payctl/migrated')}",
         )
         work.actions.append("payapp migrate")
@@ -480,7 +505,7 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
     ops = _Ops(ctx, work)
     p = _prefix(ctx)
     q = shlex.quote
-    pkgs = list(VM_PACKAGES) + ([JRE] if ctx.node.kafka is not None else [])
+    pkgs = list(VM_PACKAGES) + ([JRE] if ctx.node.kafka is not None else []) + (["nftables"] if ctx.firewall else [])
     if ctx.node.prometheus is not None:
         pkgs += list(MONITORING_PACKAGES)
     if ops.add("system packages", apt.packages, packages=pkgs, update=True, cache_time=3600):
@@ -497,6 +522,7 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
     units = {k: v for k, v in ctx.files.items() if k.startswith("systemd/")}
     changed = _put_rendered(ops, replace(ctx, files=rendered), p)
     work.files += changed
+    _firewall(ops, ctx)
     unit_changed = []
     for path, f in sorted(units.items()):
         name = components.unit_of(path)
@@ -508,7 +534,7 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
             unit_changed.append(path)
     work.files += unit_changed
     _kafka_steps(ops, ctx, changed)
-    installed = _install_app(ops, ctx)
+    installed = _install_app(ops, ctx, f"{p}/venv")
     if ctx.node.mariadb is not None and not ctx.facts.mariadb_initialised:
         ops.shell("initialise the MariaDB datadir (once)",
                   f"mariadb-install-db --no-defaults --datadir={q(p + '/data/mariadb')} --user=mysql --skip-test-db "
@@ -556,8 +582,11 @@ def build_compose(ctx: BuildContext, marker_text: str) -> NodeWork:
         update=True,
     ):
         work.packages += ["docker-ce", "docker-compose-plugin"]
+    if ctx.firewall and ops.add("nftables", apt.packages, packages=["nftables"]):
+        work.packages.append("nftables")
     changed = _put_rendered(ops, ctx, p)
     work.files += changed
+    _firewall(ops, ctx)
     if ctx.node.app is not None and ctx.app_source is not None:
         # The image is built on the node from the payapp source (payapp/Dockerfile is rendered next to it).
         for src in wheelhouse.source_files(ctx.app_source):

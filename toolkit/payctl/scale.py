@@ -35,6 +35,7 @@ from payctl.inventory import Inventory
 from payctl.phase import load_phase
 from payctl.plan import PORTS, LiveRoles, Plan, make_plan
 from payctl.render import REPLICATION_USER, SEMISYNC_TIMEOUT_MS, render
+from payctl.runtimes import FIREWALL_FILE, firewall_load_command
 from payctl.secrets import load_or_create
 
 if TYPE_CHECKING:
@@ -98,8 +99,10 @@ def plan_add_node(inv: Inventory, node: str, live: LiveRoles | None = None) -> A
                          hint="check the node's roles in the inventory")  # fmt: skip
     p, lb = topo.mariadb_primary, topo.lb
     steps = (
-        Step("accounts", p, f"apply the phase-{PHASE} users SQL on the primary {p} (accounts for {node}'s address)",
-             "drop the accounts this step created"),
+        Step("accounts", p, f"apply the phase-{PHASE} users SQL on the primary {p} (accounts for {node}'s address)"
+             + (f"; the firewall of {', '.join(dict.fromkeys([p, lb]))} admits {node}'s address"
+                if inv.firewall.enabled else ""),
+             "drop the accounts this step created" + ("; the previous firewall" if inv.firewall.enabled else "")),
         Step("node", node, f"deploy {node}'s components (phase {PHASE} apply limited to {node}): MariaDB (fresh, "
              "read-only replica config), Redis, app and consumer", f"stop the programs on {node} (data kept)"),
         Step("replica", node, f"seed {node} from an online snapshot of {p} (mariadb-dump --single-transaction "
@@ -196,6 +199,7 @@ def add_node(req: AddNodeRequest, hooks: Hooks) -> AddNodeResult:
     undo: list[tuple[str, Callable[[], object]]] = []
     try:
         _accounts(req, plan, by_node, hooks, undo, secrets.redact)
+        _admit(req, plan, by_node, hooks, undo, secrets.redact)
         _node(req, plan, hooks, undo)
         result.replica = _replica(req, plan, clear, hooks, secrets.redact)
         _accounts_to_replica(req, plan, by_node, hooks, secrets.redact)
@@ -256,6 +260,31 @@ def _accounts(req: AddNodeRequest, plan: AddNodePlan, by_node: Mapping[str, Mapp
         undo.append((f"drop the accounts created for {address}", drop))
 
     _with_lock(req, plan, [p], redact, work)
+
+
+def _admit(req: AddNodeRequest, plan: AddNodePlan, by_node: Mapping[str, Mapping[str, str]], hooks: Hooks,
+           undo: list[tuple[str, Callable[[], object]]], redact: Callable[[str], str]) -> None:  # fmt: skip
+    """The running nodes' firewalls (inventory ``firewall.enabled``) admit the new node's address before it is
+    deployed: its replica, app and consumer connect to the primary's MariaDB, Redis and Kafka, the LB to its app."""
+    inv = req.inventory
+    if not inv.firewall.enabled:
+        return
+    nodes = list(dict.fromkeys([plan.primary, plan.lb]))
+    hooks.step(None, f"firewall of {', '.join(nodes)}: admit {req.node}")
+
+    def work(conn: hosts.Connected) -> None:
+        for n in nodes:
+            prefix = inv.node_prefix(n)
+            text = by_node[n][FIREWALL_FILE]
+            old = _swap(conn, n, prefix, FIREWALL_FILE, text, firewall_load_command(prefix, text))
+
+            def restore(n: str = n, prefix: str = prefix, old: str = old) -> None:
+                with hosts.connect(inv, req.home, nodes=[n], redact=redact) as c2:
+                    _swap(c2, n, prefix, FIREWALL_FILE, old, firewall_load_command(prefix, old))
+
+            undo.append((f"restore {n}'s firewall", restore))
+
+    _with_lock(req, plan, nodes, redact, work)
 
 
 def _accounts_to_replica(req: AddNodeRequest, plan: AddNodePlan, by_node: Mapping[str, Mapping[str, str]],
