@@ -222,7 +222,7 @@ def _native_paths(prefix: str) -> dict[str, str]:
         "sentinel_pid": f"{prefix}/run/sentinel.pid",
         "kafka_data": f"{prefix}/data/kafka",
         "kafka_lib": f"{prefix}/kafka/lib",
-        "venv": f"{prefix}/venv",
+        "app_bin": f"{prefix}/current/bin",  # payctl.releases: current -> releases/<id>
     }
 
 
@@ -468,7 +468,7 @@ def _programs(plan: Plan, node: NodePlan, lab: bool, secret: SecretFn) -> list[_
                              ("consumer", "consume", "payapp event consumer")):  # fmt: skip
         if comp in comps:
             out.append(_Program(f"payctl-{comp}", comp, desc,
-                                f"{paths['venv']}/bin/payapp {verb} --env-file {prefix}/app.env",
+                                f"{paths['app_bin']}/payapp {verb} --env-file {prefix}/app.env",
                                 after=app_after, stop_timeout_s=30))  # fmt: skip
     if "prometheus" in comps and node.prometheus is not None:
         p = node.prometheus

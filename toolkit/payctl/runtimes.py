@@ -30,7 +30,7 @@ from typing import Any
 
 from pyinfra.operations import apt, files, server, systemd
 
-from payctl import components, wheelhouse
+from payctl import components, releases, wheelhouse
 from payctl.hosts import Connected
 from payctl.plan import NodePlan, Plan
 from payctl.render import RenderedFile, kafka_cluster_id
@@ -62,8 +62,10 @@ class NodeFacts:
     mariadb_initialised: bool = False
     kafka_formatted: bool = False
     marker: str = ""  # <prefix>/payctl/deployment.json: the deployment and its secrets fingerprint
-    venv_manifest: str = ""  # sha256 of the manifest the venv was installed from
-    venv_ok: bool = False
+    release_manifest: str = ""  # sha256 of the manifest the current release was installed from
+    release_ok: bool = False  # <prefix>/current/bin/payapp exists
+    release_current: str = ""  # the release ``current`` points at (payctl.releases)
+    releases: tuple[str, ...] = ()  # complete releases on the node, as listed
     supervisord_pid: int | None = None
     sentinel_conf: bool = False
     mariadb_read_only: bool | None = None
@@ -87,9 +89,7 @@ echo "python=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>
 [ -d "$P/data/mariadb/mysql" ] && echo mariadb_initialised=1
 [ -f "$P/data/kafka/meta.properties" ] && echo kafka_formatted=1
 [ -f "$P/payctl/deployment.json" ] && echo "marker=$(tr -d '\\n' < "$P/payctl/deployment.json")"
-[ -f "$P/venv/.payctl-manifest" ] && echo "venv_manifest=$(sha256sum < "$P/venv/.payctl-manifest" | cut -c1-64)"
-[ -x "$P/venv/bin/payapp" ] && echo venv_ok=1
-[ -f "$P/redis/sentinel.conf" ] && echo sentinel_conf=1
+{releases.facts_lines()}[ -f "$P/redis/sentinel.conf" ] && echo sentinel_conf=1
 for b in wheelhouse kafka/lib; do
   [ -f "$P/$b/MANIFEST.sha256" ] && echo "bundle:$b=$(sha256sum < "$P/$b/MANIFEST.sha256" | cut -c1-64)"
 done
@@ -124,8 +124,10 @@ def parse_facts(text: str) -> NodeFacts:
         mariadb_initialised=kv.get("mariadb_initialised") == "1",
         kafka_formatted=kv.get("kafka_formatted") == "1",
         marker=kv.get("marker", ""),
-        venv_manifest=kv.get("venv_manifest", ""),
-        venv_ok=kv.get("venv_ok") == "1",
+        release_manifest=kv.get("release_manifest", ""),
+        release_ok=kv.get("release_ok") == "1",
+        release_current=kv.get("release_current", ""),
+        releases=tuple(r for r in kv.get("releases", "").split(",") if r),
         supervisord_pid=int(pid) if pid.isdigit() else None,
         sentinel_conf=kv.get("sentinel_conf") == "1",
         mariadb_read_only=None if ro not in ("0", "1") else ro == "1",
@@ -144,7 +146,7 @@ class NodeWork:
     node: str
     files: list[str] = field(default_factory=list)  # rendered paths that will change
     new_files: list[str] = field(default_factory=list)
-    artefacts: list[str] = field(default_factory=list)  # venv, kafka/lib
+    artefacts: list[str] = field(default_factory=list)  # current (the payapp release), kafka/lib
     packages: list[str] = field(default_factory=list)
     restart: list[str] = field(default_factory=list)
     reload: list[str] = field(default_factory=list)
@@ -289,18 +291,26 @@ def _sync_bundle(ops: _Ops, label: str, local: list[Path], manifest: str, prefix
         ops.work.operations.append(f"{label}: manifest matches  (no change)")
         return False
     tar = bundle_tar(local, manifest, ops.ctx.bundle_cache)
-    upload = f"{prefix}/payctl/{rel.replace('/', '-')}.tar"
+    upload = bundle_upload_path(prefix, rel)
     ops.add(f"{label}: upload {len(local)} files as one tar", files.put, src=str(tar), dest=upload, mode="600",
             add_deploy_dir=False)  # fmt: skip
+    ops.shell(f"{label}: unpack into {rel}/", unpack_command(upload, remote_dir))
+    return True
+
+
+def bundle_upload_path(prefix: str, rel: str) -> str:
+    return f"{prefix}/payctl/{rel.replace('/', '-')}.tar"
+
+
+def unpack_command(upload: str, remote_dir: str) -> str:
+    """Unpack an uploaded bundle tar next to ``remote_dir`` and swap it in whole; the tar is removed."""
     q = shlex.quote
     new, old = q(remote_dir + ".new"), q(remote_dir + ".old")
-    ops.shell(
-        f"{label}: unpack into {rel}/",
+    return (
         f"set -e; rm -rf {new} {old}; mkdir -p {new}; tar -xf {q(upload)} -C {new}; "
         f"if [ -d {q(remote_dir)} ]; then mv {q(remote_dir)} {old}; fi; "
-        f"mv {new} {q(remote_dir)}; rm -rf {old} {q(upload)}",
+        f"mv {new} {q(remote_dir)}; rm -rf {old} {q(upload)}"
     )
-    return True
 
 
 def _kafka_manifest(lib: Path) -> tuple[list[Path], str]:
@@ -309,25 +319,29 @@ def _kafka_manifest(lib: Path) -> tuple[list[Path], str]:
     return jars, text
 
 
-def _install_app(ops: _Ops, ctx: BuildContext, venv: str, python: str = "python3") -> bool:
-    """Wheelhouse to the node, payapp into the venv from it with ``pip --no-index``; True when (re)installed."""
+def _install_app(ops: _Ops, ctx: BuildContext, python: str = "python3") -> bool:
+    """Wheelhouse to the node, then a new release (``payctl.releases``) installed from it with ``pip --no-index``,
+    ``current`` switched to it and old releases pruned; True when a release was installed (the app programs restart).
+
+    Nothing is installed when ``current`` already holds exactly this wheelhouse: a re-apply adds no release."""
     house = ctx.wheelhouse
     if house is None or (ctx.node.app is None and ctx.node.relay is None and ctx.node.consumer is None):
         return False
-    wh = f"{_prefix(ctx)}/wheelhouse"
-    changed = _sync_bundle(ops, "wheelhouse", list(house.wheels), house.manifest, _prefix(ctx), "wheelhouse")
-    if not changed and ctx.facts.venv_ok and ctx.facts.venv_manifest == sha256_text(house.manifest):
-        ops.work.operations.append("payapp virtualenv up to date  (no change)")
+    p = _prefix(ctx)
+    changed = _sync_bundle(ops, "wheelhouse", list(house.wheels), house.manifest, p, "wheelhouse")
+    if not changed and ctx.facts.release_ok and ctx.facts.release_manifest == sha256_text(house.manifest):
+        ops.work.operations.append(f"payapp release {ctx.facts.release_current} is current  (no change)")
         return False
-    q = shlex.quote
+    name = releases.next_name(ctx.facts.releases, house.key)
+    kept = releases.keep([*ctx.facts.releases, name], name)
     ops.shell(
-        "install payapp into the virtualenv (pip --no-index)",
-        f"set -e; [ -x {q(venv)}/bin/pip ] || {python} -m venv {q(venv)}; "
-        f"{q(venv)}/bin/pip install --quiet --disable-pip-version-check --no-index --find-links {q(wh)} "
-        f"--force-reinstall {q(wh)}/*.whl; cp {q(wh)}/{MANIFEST} {q(venv)}/.payctl-manifest",
+        f"install payapp release {name} (pip --no-index), switch current to it",
+        f"{releases.install_command(p, name, f'{p}/wheelhouse', python)} && {releases.switch_command(p, name)} && "
+        f"{releases.prune_command(p, kept)}",
     )
-    ops.work.artefacts.append(components.VENV)
-    ops.work.actions.append(f"install payapp from the wheelhouse ({len(house.wheels)} wheels) into {venv}")
+    ops.work.artefacts.append(components.RELEASE)
+    ops.work.actions.append(f"install payapp release {name} from the wheelhouse ({len(house.wheels)} wheels), "
+                            f"current -> releases/{name} (keeps {', '.join(kept[:-1]) or 'no older release'})")
     return True
 
 
@@ -414,7 +428,7 @@ def build_lab(ctx: BuildContext, marker_text: str) -> NodeWork:
     work.files += changed
     _firewall(ops, ctx)
     _kafka_steps(ops, ctx, changed)
-    installed = _install_app(ops, ctx, f"{p}/venv")
+    installed = _install_app(ops, ctx)
     initialised = False
     if ctx.node.mariadb is not None and not ctx.facts.mariadb_initialised:
         ops.shell(
@@ -483,7 +497,7 @@ def _users_and_migrate(ops: _Ops, ctx: BuildContext, changed: list[str], *, init
     if migrate:
         ops.shell(
             "run migrations (payapp migrate)",
-            f"{q(p)}/venv/bin/payapp migrate --env-file {q(p + '/app.env')} && "
+            f"{q(p)}/{releases.CURRENT}/bin/payapp migrate --env-file {q(p + '/app.env')} && "
             f"echo {want} > {q(p + '/payctl/migrated')}",
         )
         work.actions.append("payapp migrate")
@@ -534,7 +548,7 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
             unit_changed.append(path)
     work.files += unit_changed
     _kafka_steps(ops, ctx, changed)
-    installed = _install_app(ops, ctx, f"{p}/venv")
+    installed = _install_app(ops, ctx)
     if ctx.node.mariadb is not None and not ctx.facts.mariadb_initialised:
         ops.shell("initialise the MariaDB datadir (once)",
                   f"mariadb-install-db --no-defaults --datadir={q(p + '/data/mariadb')} --user=mysql --skip-test-db "
