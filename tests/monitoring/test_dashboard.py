@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from payctl.monitoring import FIGURES, METRICS, OPTIONAL, RUN_SERIES
+from payctl.monitoring import FIGURES, LAB_METRICS, METRICS, OPTIONAL, RUN_SERIES
 from tests.monitoring.conftest import rendered
 from tests.monitoring.promql import metric_names
 
@@ -76,7 +76,7 @@ def test_every_expression_parses(files: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_expressions_read_only_known_metrics(files: dict[str, str]) -> None:
-    known = set(METRICS) | OPTIONAL | _recorded(files)
+    known = set(METRICS) | set(LAB_METRICS) | OPTIONAL | _recorded(files)
     rules = yaml.safe_load(files["node1/prometheus/rules/payctl.rules.yml"])
     exprs = _exprs(files) + [(k, v) for k, v in FIGURES.items()] + [(k, v) for k, v in RUN_SERIES.items()]
     exprs += [(r.get("alert") or r["record"], r["expr"]) for g in rules["groups"] for r in g["rules"]]

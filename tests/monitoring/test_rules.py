@@ -50,3 +50,24 @@ def test_a_wrong_rule_fails_its_unit_test(files: tuple[str, str], tmp_path: Path
     r = _promtool_test(tmp_path, rules.replace(wrong, right), tests)
     assert r.returncode != 0
     assert alert in r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def lab_files() -> tuple[str, str]:
+    f = rendered("lab-2node", 4)
+    return f["node1/prometheus/rules/payctl.rules.yml"], f["node1/prometheus/rules/payctl.rules.test.yml"]
+
+
+def test_lab_cpu_and_memory_come_from_the_hosts_cgroup(lab_files: tuple[str, str], tmp_path: Path) -> None:
+    """Lab hosts share /proc: the lab's figures and CPU alert read the host's cgroup series, as a share of its quota;
+    the promtool cases fire at 90 % of a 2-core quota and stay quiet at 1 of 2 cores."""
+    rules, tests = lab_files
+    assert "node_cpu_seconds_total" not in rules.replace("payctl_lab_node_cpu_seconds_total", "")
+    assert "node_memory_MemAvailable_bytes" not in rules
+    assert "payctl_lab_node_memory_usage_bytes" in rules and "payctl_lab_node_cpu_limit_cores" in rules
+    r = _promtool_test(tmp_path, rules, tests)
+    assert r.returncode == 0, r.stdout + r.stderr
+    forgot_quota = rules.replace(" / sum by (node) (payctl_lab_node_cpu_limit_cores)) >", ") >")
+    assert forgot_quota != rules
+    r = _promtool_test(tmp_path, forgot_quota, tests)
+    assert r.returncode != 0 and "NodeCpuHigh" in r.stdout + r.stderr

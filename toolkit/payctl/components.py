@@ -52,6 +52,7 @@ READERS: Mapping[str, Reader] = MappingProxyType({
     "prometheus/prometheus.yml": Reader(("payctl-prometheus",), "reload"),
     "prometheus/rules/*.rules.yml": Reader(("payctl-prometheus",), "reload"),
     "prometheus/rules/*.test.yml": Reader(()),  # promtool's unit tests, not read by Prometheus
+    "exporters/lab-cgroup-metrics.py": Reader(("payctl-cgroup-metrics",)),  # lab hosts only (payctl.render)
     "nftables.conf": Reader(()),  # loaded by nft when applied, not by a service
     "supervisor/supervisord.conf": Reader(()),  # `supervisorctl update` restarts the programs whose section changed
     "systemd/*.service": Reader(()),  # handled per unit: the unit named by the file restarts (see unit_of)

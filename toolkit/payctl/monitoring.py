@@ -4,9 +4,11 @@ One place names the PromQL that ``payctl status`` (live figures per node), ``pay
 run window) and the tests read; the dashboard and alert templates use the recording rules of
 ``templates/prometheus/payctl.rules.yml.j2`` (``payctl:*``), which these queries reuse.
 
-In the lab every host shares this machine's /proc, so the node exporter's CPU and memory are the whole machine's:
-``lab_overrides`` replaces them with the host's cgroup figures (``payctl.labmetrics``) where payctl runs on the lab
-machine itself.
+In the lab every host shares this machine's /proc, so the node exporter's CPU and memory are the whole machine's: each
+lab host runs a loop that writes its own cgroup's figures for the node exporter's textfile collector (``LAB_METRICS``,
+templates/exporters/lab-cgroup-metrics.py), and the lab's recording rules read those. Where Prometheus has no such
+figure (a deployment from before the loop), ``with_lab_cgroups`` fills it from the host's cgroup read locally
+(``payctl.labmetrics``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ METRICS: Mapping[str, str] = MappingProxyType({
     "up": "",
 })  # fmt: skip
 
+#: Lab hosts only: the host's own cgroup figures, served by its node exporter's textfile collector.
+LAB_METRICS: Mapping[str, str] = MappingProxyType({
+    "payctl_lab_node_cpu_seconds_total": "node",
+    "payctl_lab_node_cpu_limit_cores": "node",
+    "payctl_lab_node_memory_usage_bytes": "node",
+    "payctl_lab_node_memory_limit_bytes": "node",
+})  # fmt: skip
+
 #: Metrics that exist only on some deployments (a replica, a failed reconciliation run, a published settlement).
 OPTIONAL: frozenset[str] = frozenset({
     "mysql_slave_status_seconds_behind_master", "mysql_slave_status_slave_io_running",
@@ -81,10 +91,14 @@ UNITS: Mapping[str, str] = MappingProxyType({
 })  # fmt: skip
 
 #: The run series of ``payctl verify`` (ServerSeries fields); raw metrics, not 1m rules, so a short run has points.
+#: A lab host's own cgroup series win over the node exporter's whole-machine ones (``or`` keeps the right-hand side
+#: only for nodes the left-hand side lacks, i.e. real VMs).
 RUN_SERIES: Mapping[str, str] = MappingProxyType({
     # % of one core, as the report (and the lab's cgroup sampler) counts it: 400 is a busy 4-core node
-    "cpu_percent": 'sum by (node) (rate(node_cpu_seconds_total{mode!="idle"}[30s])) * 100',
-    "memory_mb": "sum by (node) (node_memory_MemTotal_bytes - node_memory_MemAvailable_bytes) / 1e6",
+    "cpu_percent": "sum by (node) (rate(payctl_lab_node_cpu_seconds_total[30s])) * 100"
+                   ' or sum by (node) (rate(node_cpu_seconds_total{mode!="idle"}[30s])) * 100',
+    "memory_mb": "sum by (node) (payctl_lab_node_memory_usage_bytes) / 1e6"
+                 " or sum by (node) (node_memory_MemTotal_bytes - node_memory_MemAvailable_bytes) / 1e6",
     "consumer_lag": "max(payapp_consumer_lag_total)",
 })  # fmt: skip
 
@@ -117,13 +131,30 @@ def live_figures(client: PromClient, source: str) -> LiveFigures:
     return LiveFigures(nodes, tuple(client.targets()), source)
 
 
+LAB_NOTE = ("lab: cpu (% of the host's CPU quota) and memory (MB) from each host's cgroup, through its node "
+            "exporter's textfile collector (the node exporter's own figures are the whole machine's)")
+
+
+def lab_cgroups_missing(figures: LiveFigures, nodes: Sequence[str]) -> list[str]:
+    """Lab nodes for which Prometheus has no cpu or memory figure (their cgroup loop has not reported yet)."""
+    return [n for n in nodes if not {"cpu", "memory"} <= set(figures.node(n))]
+
+
 def with_lab_cgroups(figures: LiveFigures, cgroup: Mapping[str, Mapping[str, float]]) -> LiveFigures:
-    """Lab hosts share /proc: replace the node exporter's whole-machine CPU/memory with the host's cgroup figures."""
+    """Lab hosts share /proc: fill the cpu/memory figures Prometheus lacks from the host's cgroup read locally."""
     nodes = {n: dict(v) for n, v in figures.nodes.items()}
+    filled = []
     for node, values in cgroup.items():
-        nodes.setdefault(node, {}).update(values)
-    note = "lab: cpu (% of one core) and memory (MB) from each host's cgroup; the node exporter sees the whole machine"
-    return LiveFigures(nodes, figures.targets, figures.source, (*figures.notes, note))
+        mine = nodes.setdefault(node, {})
+        for key, value in values.items():
+            if key not in mine:
+                mine[key] = value
+                filled.append(f"{node}.{key}")
+    notes = [LAB_NOTE]
+    if filled:
+        notes.append(f"lab: {', '.join(filled)} read from the host's cgroup by payctl (cpu as % of one core): "
+                     "Prometheus has no cgroup figure for them yet")  # fmt: skip
+    return LiveFigures(nodes, figures.targets, figures.source, (*figures.notes, *notes))
 
 
 @dataclass
@@ -226,7 +257,9 @@ def status(inv: Inventory, home: Path, lab: bool) -> MonitoringStatus:
     except MonitoringError as exc:
         return MonitoringStatus(None, exc.message, exc.hint)
     if lab:
-        figures = with_lab_cgroups(figures, lab_cgroup_figures(inv))
+        missing = lab_cgroups_missing(figures, [n.name for n in inv.nodes])
+        local = lab_cgroup_figures(inv) if missing else {}
+        figures = with_lab_cgroups(figures, {n: v for n, v in local.items() if n in missing})
     return MonitoringStatus(figures)
 
 

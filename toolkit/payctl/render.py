@@ -193,6 +193,10 @@ def _secret_fn(secrets: Mapping[str, str] | None) -> SecretFn:
 NGINX_CONNECT_TIMEOUT_S = 2
 NGINX_READ_TIMEOUT_S = 15
 PROMETHEUS_SCRAPE_INTERVAL = "15s"
+#: Lab hosts only: the node's cgroup figures for the node exporter's textfile collector (paths under the prefix).
+LAB_CGROUP_SCRIPT = "exporters/lab-cgroup-metrics.py"
+LAB_TEXTFILE_DIR = "run/node-exporter"
+LAB_CGROUP_INTERVAL_S = 5  # a few samples per 15 s scrape
 #: Alert thresholds: the plan's limits (issue: p95 150 ms, errors 1 %, CPU 85 %).
 ALERTS: Mapping[str, object] = MappingProxyType({
     "p95_ms": 150, "p95_seconds": "0.15", "error_ratio": "0.01", "error_percent": 1, "cpu_ratio": "0.85",
@@ -479,11 +483,18 @@ def _programs(plan: Plan, node: NodePlan, lab: bool, secret: SecretFn) -> list[_
                             f"--storage.tsdb.retention.size={p.retention_size_gb}GB "
                             f"--web.listen-address={priv}:{PORTS['prometheus']}"))  # fmt: skip
     if "exporters" in comps:
-        # Every node the plan lists as a `node` scrape target runs one. (Lab hosts share /proc, so there its CPU and
-        # memory figures are the whole machine's; per-host figures come from the host's cgroup.)
+        # Every node the plan lists as a `node` scrape target runs one. Lab hosts share /proc, so there its CPU and
+        # memory figures are the whole machine's: a small loop writes the host's own cgroup figures for its textfile
+        # collector (templates/exporters/lab-cgroup-metrics.py; the recording rules read them in the lab).
+        textfile = f" --collector.textfile.directory={prefix}/{LAB_TEXTFILE_DIR}" if lab else ""
         out.append(_Program("payctl-node-exporter", "exporters", "Prometheus node exporter",
                             f"/usr/bin/prometheus-node-exporter --web.listen-address={priv}:"
-                            f"{PORTS['node_exporter']}"))  # fmt: skip
+                            f"{PORTS['node_exporter']}{textfile}"))  # fmt: skip
+        if lab:
+            out.append(_Program("payctl-cgroup-metrics", "exporters", "lab host cgroup CPU/memory (textfile)",
+                                f"/usr/bin/unshare --mount /usr/bin/python3 {prefix}/{LAB_CGROUP_SCRIPT} "
+                                f"--out {prefix}/{LAB_TEXTFILE_DIR}/payctl_lab_cgroup.prom "
+                                f"--mount-dir {prefix}/run/cgroup --interval {LAB_CGROUP_INTERVAL_S}"))  # fmt: skip
         if "mariadb" in comps:
             out.append(_Program("payctl-mysqld-exporter", "exporters", "Prometheus MariaDB exporter",
                                 f"/usr/bin/prometheus-mysqld-exporter --config.my-cnf={prefix}/mariadb/exporter.cnf "
@@ -776,6 +787,10 @@ def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Secr
         files.append(RenderedFile(node.name, "grafana/grafana.env", FileKind.ENV_FILE,
                                   _env_text([("GF_SECURITY_ADMIN_PASSWORD", secret("grafana_admin"))]),
                                   mode=0o600, description="Grafana admin password"))  # fmt: skip
+    if lab and "exporters" in comps:  # a plain script (no Jinja): the same file on every lab host
+        script = (data_dir("templates") / LAB_CGROUP_SCRIPT).read_text()
+        files.append(RenderedFile(node.name, LAB_CGROUP_SCRIPT, FileKind.TEXT, script, mode=0o755,
+                                  description="lab host cgroup CPU/memory for the node exporter"))  # fmt: skip
     add("firewall/nftables.conf.j2", "nftables.conf", FileKind.NFTABLES, "firewall")
 
     if plan.runtime == "compose":

@@ -328,10 +328,12 @@ def _install_app(ops: _Ops, ctx: BuildContext, python: str = "python3") -> bool:
     if house is None or (ctx.node.app is None and ctx.node.relay is None and ctx.node.consumer is None):
         return False
     p = _prefix(ctx)
-    changed = _sync_bundle(ops, "wheelhouse", list(house.wheels), house.manifest, p, "wheelhouse")
-    if not changed and ctx.facts.release_ok and ctx.facts.release_manifest == sha256_text(house.manifest):
+    # The release, not the wheelhouse directory, is what runs: after `payctl upgrade` + `rollback` the node's
+    # wheelhouse may hold another build while current is exactly this one, and then there is nothing to do.
+    if ctx.facts.release_ok and ctx.facts.release_manifest == sha256_text(house.manifest):
         ops.work.operations.append(f"payapp release {ctx.facts.release_current} is current  (no change)")
         return False
+    _sync_bundle(ops, "wheelhouse", list(house.wheels), house.manifest, p, "wheelhouse")
     name = releases.next_name(ctx.facts.releases, house.key)
     kept = releases.keep([*ctx.facts.releases, name], name)
     ops.shell(

@@ -1,0 +1,89 @@
+"""Node-level steps of a rolling change (``payctl upgrade``/``rollback``): commands on one node, its programs stopped
+and started (supervisorctl in the lab, systemctl on VMs), and a node taken out of the nginx load balancer and put back.
+
+Out of the LB: the LB node's nginx.conf with that node's upstream marked ``down`` (checked with ``nginx -t``), then
+SIGHUP: nginx starts new workers with the new file and the old ones finish their requests and exit; we wait for
+exactly those old workers (their pids, read before the signal) to be gone, so no request is still on its way to the
+node when its app is drained. Back in: the original file, byte for byte, and another SIGHUP.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shlex
+from pathlib import Path
+
+from payctl import deploy, hosts
+from payctl.errors import DeployError
+
+#: supervisorctl answers that mean the program is already where we want it.
+_HARMLESS = ("not running", "already started")
+
+
+class NodeShell:
+    """Commands on one node over the deploy engine's shell; failures raise DeployError with the output."""
+
+    def __init__(self, conn: hosts.Connected, node: str, prefix: str, lab: bool) -> None:
+        self.node, self.prefix, self.lab = node, prefix, lab
+        self.host = conn.host(node)
+        self.shell = deploy.shell_of(self.host)
+
+    def run(self, command: str, what: str) -> str:
+        ok, out, err = self.shell(command)
+        if not ok:
+            raise DeployError(f"{self.node}: {what} failed: {(err.strip() or out.strip())[-600:] or 'no output'}")
+        return out
+
+    def programs(self, verb: str, programs: tuple[str, ...]) -> None:
+        """``stop`` waits for each program to exit (SIGTERM: payapp drains); ``start`` for it to be up."""
+        names = " ".join(shlex.quote(p) for p in programs)
+        if not self.lab:
+            self.run(f"systemctl {verb} {names}", f"systemctl {verb}")
+            return
+        conf = shlex.quote(f"{self.prefix}/supervisor/supervisord.conf")
+        # supervisorctl's exit code is not reliable across versions: read its per-program lines.
+        _, out, err = self.shell(f"supervisorctl -c {conf} {verb} {names}")
+        bad = [ln for ln in out.splitlines() if "ERROR" in ln and not any(ok in ln for ok in _HARMLESS)]
+        if bad or not out.strip():
+            raise DeployError(f"{self.node}: supervisorctl {verb} failed: {'; '.join(bad) or err.strip()[-400:]}")
+
+    def put(self, local: Path, remote: str) -> None:
+        if not self.host.put_file(str(local), remote):
+            raise DeployError(f"{self.node}: uploading {local.name} to {remote} failed")
+
+    def put_text(self, text: str, remote: str) -> None:
+        self.run(f"umask 077 && : > {shlex.quote(remote)}", f"creating {remote}")
+        if not self.host.put_file(io.BytesIO(text.encode()), remote):
+            raise DeployError(f"{self.node}: uploading {remote} failed")
+
+
+def with_upstream_down(conf: str, upstream: str) -> str:
+    """nginx.conf with ``server <upstream> ...;`` of the ``payapp`` upstream marked ``down`` (exactly one such line)."""
+    pattern = re.compile(rf"^(\s*server\s+{re.escape(upstream)}\s[^;\n]*?)(\s+down)?;", re.M)
+    found = pattern.findall(conf)
+    if len(found) != 1:
+        raise DeployError(f"the LB's nginx.conf has {len(found)} upstream lines for {upstream}, expected one",
+                          hint="re-apply the phase to restore the rendered nginx.conf")  # fmt: skip
+    return pattern.sub(lambda m: f"{m.group(1)} down;", conf)
+
+
+def nginx_swap(lb: NodeShell, text: str, timeout_s: float) -> str:
+    """Write nginx.conf (checked with ``nginx -t`` first), SIGHUP, wait for the old workers to finish and exit.
+
+    Returns "" or a note when old workers were still busy at the deadline (the app's own drain covers them)."""
+    q = shlex.quote
+    nginx = f"{lb.prefix}/nginx"
+    conf, new = f"{nginx}/nginx.conf", f"{nginx}/nginx.conf.payctl-new"
+    lb.put_text(text, new)
+    lb.run(f"chmod --reference={q(conf)} {q(new)} && nginx -t -q -c {q(new)} -p {q(nginx + '/')} 2>&1 || "
+           f"{{ rc=$?; rm -f {q(new)}; exit $rc; }}", "nginx -t on the new nginx.conf")  # fmt: skip
+    ticks = int(timeout_s * 10)
+    out = lb.run(
+        f"set -e; m=$(cat {q(nginx + '/run/nginx.pid')}); old=$(ps -o pid= --ppid \"$m\" | tr '\\n' ' '); "
+        f"mv -f {q(new)} {q(conf)}; kill -HUP \"$m\"; set +e; "
+        f"for i in $(seq 1 {ticks}); do busy=; for w in $old; do kill -0 \"$w\" 2>/dev/null && busy=\"$busy $w\"; "
+        f'done; [ -z "$busy" ] && exit 0; sleep 0.1; done; echo "BUSY$busy"',
+        "nginx reload",
+    )
+    return f"old nginx workers{out.strip()[4:]} still busy after {timeout_s:.0f}s" if out.startswith("BUSY") else ""
