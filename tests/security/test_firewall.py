@@ -181,7 +181,7 @@ def test_apply_loads_the_firewall_by_default(
 ) -> None:
     _no_connect(monkeypatch)
     monkeypatch.setenv("PAYCTL_HOME", str(tmp_path))
-    assert load_inventory("ktcloud-1node").firewall.enabled and load_inventory("lab-2node").firewall.enabled
+    assert load_inventory("ktcloud-1node").firewall.enabled and not load_inventory("lab-2node").firewall.enabled
     assert run(["phase1", "apply", "-i", "ktcloud-1node", "--dry-run"]) == 0
     out = capsys.readouterr().out
     ops = [line.strip() for line in out.splitlines()]
