@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from payctl import lab, lock
+from payctl import audit, lab, lock
 from payctl.drillaudit import Audit, DbFacts, Timeline, facts_argv, judge, parse_log, timeline
 from payctl.drillfaults import Fault, Node, inject, snapshot
 from payctl.errors import ConfigError, PayctlError, TargetUnreachable
@@ -238,7 +238,7 @@ def verdict_problems(tl: Timeline, services_s: float | None, audit: Audit, recon
     if tl.recovered_after_s is None:
         out.append(f"the API did not serve {STABLE_WINDOW} of clean traffic after the fault before the load ended")
     if services_s is None:
-        out.append("the faulted programs were not back (RUNNING, /health 200) before the load ended")
+        out.append(f"the faulted programs were not back (RUNNING, /health 200) within {bound_s:g}s")
     rec = None if tl.recovered_after_s is None or services_s is None else max(tl.recovered_after_s, services_s)
     if rec is not None and rec > bound_s:
         out.append(f"recovery took {rec:.1f}s, more than the bound of {bound_s:g}s")
@@ -332,8 +332,11 @@ def run_drill(
     runner: CommandRunner | None = None,
     on_step: Callable[[str], None] = lambda _: None,
     command: str = "drill",
+    audit_home: Path | None = None,
+    inventory_path: Path | None = None,
 ) -> DrillResult:
-    """Run the drill: load, fault, recovery, drain, audit. Takes the deploy lock on the first node meanwhile."""
+    """Run the drill: load, fault, recovery, drain, audit. Holds the deploy lock on the first node meanwhile and,
+    with ``audit_home``, writes an audit line (locally and on the first node) like an apply does."""
     run = runner or local_runner()
     if not _healthy(plan, run, None):
         raise PayctlError(
@@ -346,10 +349,33 @@ def run_drill(
     shell = _netns_shell(first.namespace)
     held = lock.new_info(plan.deployment, command)
     lock.acquire(shell, first.prefix, held, node=first.name)
+    started = time.monotonic()
+    error = "interrupted or crashed"
     try:
-        return _locked(plan, report_dir, run, on_step)
+        result = _locked(plan, report_dir, run, on_step)
+        error = "; ".join(result.problems)
+        return result
+    except PayctlError as exc:
+        error = exc.message
+        raise
     finally:
-        lock.release(shell, first.prefix, held)
+        try:
+            if audit_home is not None:
+                _audit(plan, command, error, time.monotonic() - started, audit_home, inventory_path, shell)
+        finally:
+            lock.release(shell, first.prefix, held)
+
+
+def _audit(plan: DrillPlan, command: str, error: str, duration_s: float, home: Path, inventory_path: Path | None,
+           shell: lock.Shell) -> None:  # fmt: skip
+    record = audit.AuditRecord(
+        deployment=plan.deployment, command=command, phase=None, inventory=str(inventory_path or ""),
+        inventory_sha256=audit.inventory_hash(inventory_path) if inventory_path and inventory_path.is_file() else "",
+        nodes=tuple(n.name for n in plan.nodes), result="failed" if error else "ok", error=error,
+        duration_s=round(duration_s, 2),
+    )  # fmt: skip
+    audit.append_local(home, record, lambda s: s)  # a drill handles no secret: nothing to redact
+    shell(audit.append_command(plan.nodes[0].prefix, record.line(lambda s: s)))
 
 
 def k6_invocation(url: str, rps: int, duration_s: float, merchant_prefix: str, log_path: Path,
@@ -399,11 +425,14 @@ def _locked(plan: DrillPlan, report_dir: Path, run: CommandRunner, on_step: Call
                                 hint=f"the k6 log is {log_path}")  # fmt: skip
     assert fault is not None
     on_step("load done; checking the deployment is healthy")
-    deadline = time.time() + spec.recover_bound_s
+    # Programs still coming back when the load ended get the rest of the bound; the time is still recorded.
+    deadline = max(fault.start + spec.recover_bound_s, time.time() + 10)
     healthy = _healthy(plan, run, fault)
     while not healthy and time.time() < deadline:
-        time.sleep(1)
+        time.sleep(0.5)
         healthy = _healthy(plan, run, fault)
+    if services_at is None and healthy and time.time() - fault.start <= spec.recover_bound_s:
+        services_at = time.time()
     log = parse_log(log_path.read_text(errors="replace").splitlines())
     tl = timeline(log.requests, fault.start, fault.end)
     on_step("draining: events published and applied, captures settled")

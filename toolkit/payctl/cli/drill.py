@@ -19,7 +19,8 @@ from rich.console import Console
 from payctl import drill
 from payctl.errors import ConfigError
 from payctl.gate import parse_duration
-from payctl.inventory import load_inventory
+from payctl.inventory import load_inventory, resolve_inventory_path
+from payctl.paths import payctl_home
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -67,7 +68,8 @@ def drill_cmd(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     directory = report_dir or Path("reports") / f"{stamp}-{inv.deployment}-drill-{scenario}"
     result = drill.run_drill(plan, directory, on_step=lambda s: err.print(f"  {s}", markup=False),
-                             command=f"drill {scenario}")  # fmt: skip
+                             command=f"drill {scenario}", audit_home=payctl_home().absolute(),
+                             inventory_path=resolve_inventory_path(inventory))  # fmt: skip
     drill.write_results([result], directory)
     out.print(drill.markdown_table([result]), markup=False)
     for p in result.problems:
