@@ -381,6 +381,8 @@ def _app_env(plan: Plan, env: tuple[tuple[str, str], ...], secret: SecretFn) -> 
         ("PAYAPP_KAFKA_BOOTSTRAP", plan.kafka.bootstrap_servers),
         ("PAYAPP_KAFKA_PARTITIONS", str(plan.kafka.partitions)),
         ("PAYAPP_KAFKA_REPLICATION_FACTOR", str(plan.kafka.replication_factor)),
+        # payapp creates its topics with this as their own min.insync.replicas, which wins over the broker default.
+        ("PAYAPP_KAFKA_MIN_INSYNC_REPLICAS", str(plan.kafka.min_insync_replicas)),
         # The relay's and the consumer's own /metrics (Prometheus scrapes them; the compose healthchecks probe them).
         ("PAYAPP_RELAY_METRICS_PORT", str(PORTS["relay_metrics"])),
         ("PAYAPP_CONSUMER_METRICS_PORT", str(PORTS["consumer_metrics"])),
