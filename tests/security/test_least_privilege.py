@@ -75,12 +75,17 @@ def _documented_grants() -> dict[str, set[tuple[str, frozenset[str]]]]:
 
 def test_every_db_account_has_exactly_the_documented_grants(db: MariaDB) -> None:
     documented = _documented_grants()
-    assert set(documented) == {"app", "migrate", "exporter", "replication"}
+    assert set(documented) == {"app", "migrate", "exporter", "replication", "backup"}
     accounts = [line.split("\t") for line in db.sql("SELECT User, Host FROM mysql.user").splitlines()]
     ours = [(u, h) for u, h in accounts if u not in ("root", "mariadb.sys", "")]
-    # Where each account may log in from: the app's from the app nodes, the others' from the DB nodes.
-    nodes = ("10.77.0.11", "10.77.0.12")  # lab-2node: node1 and node2 run the app and MariaDB, the witness neither
-    assert sorted(ours) == sorted((u, h) for u in ("app", "migrate", "exporter", "replication") for h in nodes)
+    # Where each account may log in from: the app's from the app nodes, the others' from the DB nodes (lab-2node:
+    # node1 and node2 run the app and MariaDB, the witness neither); the backup account (once the daily backup is
+    # rendered) from the node itself only.
+    nodes = ("10.77.0.11", "10.77.0.12")
+    expected = [(u, h) for u in ("app", "migrate", "exporter", "replication") for h in nodes]
+    if "backup" in {u for u, _ in ours}:
+        expected.append(("backup", "localhost"))
+    assert sorted(ours) == sorted(expected)
     for user, host in ours:
         live = set()
         for line in db.sql(f"SHOW GRANTS FOR '{user}'@'{host}'").splitlines():
