@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from payctl import lab, lock
+from payctl import lab, lock, operate
 from payctl.cli import run
 from payctl.inventory import Inventory, load_inventory
 from tests.support.services import wait_until
@@ -323,6 +323,20 @@ def test_status_and_logs(deployed: Deployed, capsys: pytest.CaptureFixture[str])
     assert node["versions"]["payapp"]
     assert run(["logs", "-i", "lab-1node", "--component", "app", "-n", "5"]) == 0
     assert "node1| " in capsys.readouterr().out
+
+
+def test_logs_follow_prints_lines_written_after_it_started(deployed: Deployed) -> None:
+    # What `payctl logs -f` runs: over SSH, the last lines first, then only what was appended since.
+    marker = f"follow-marker-{uuid.uuid4().hex}"
+    chunks = operate.logs(deployed.inventory, deployed.home, True, node=None, component="app", lines=2, follow=True,
+                          poll_s=0.2, max_polls=50)  # fmt: skip
+    node, first = next(chunks)
+    assert node == "node1" and first.startswith("==> payctl-app.log <==") and marker not in first
+    with (PREFIX / "logs" / "payctl-app.log").open("a") as fh:
+        fh.write(f"{marker}\n")
+    later = next((text for _, text in chunks if marker in text), "")
+    chunks.close()
+    assert later.strip() == marker  # exactly the new line, without the old ones or a header
 
 
 def test_down_then_lab_down_leave_nothing_behind(deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:

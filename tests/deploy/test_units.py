@@ -167,3 +167,17 @@ def test_state_script_reports_checksums_modes_and_directories(tmp_path: Path) ->
         str(tmp_path / "a"): runtimes.sha256_text("hi\n") + " 600",
         str(tmp_path / "d"): "dir",
     }
+
+
+def test_journal_follow_commands_continue_from_the_cursor() -> None:
+    from payctl.operate import journal_command, split_cursor
+
+    assert journal_command("payctl-app", 20, None) == (
+        "journalctl -u payctl-app -n 20 --no-pager --show-cursor -o short-iso")
+    assert journal_command("payctl-app", 20, "s=ab;i=3") == (
+        "journalctl -u payctl-app --after-cursor='s=ab;i=3' --no-pager --show-cursor -o short-iso")  # quoted
+    out = ("2026-11-25T10:00:00+0000 node1 payapp[1]: one\n2026-11-25T10:00:01+0000 node1 payapp[1]: two\n"
+           "-- cursor: s=ab;i=4\n")
+    assert split_cursor(out) == ("2026-11-25T10:00:00+0000 node1 payapp[1]: one\n"
+                                 "2026-11-25T10:00:01+0000 node1 payapp[1]: two", "s=ab;i=4")  # fmt: skip
+    assert split_cursor("-- No entries --\n") == ("", "")

@@ -53,7 +53,7 @@ def _acquire(timeout: float) -> IO[str]:
 
 
 @contextmanager
-def exclusive_lab(timeout: float = 600) -> Iterator[None]:
+def exclusive_lab(timeout: float = 1800) -> Iterator[None]:
     """Hold the machine's lab for a whole test module. Every test that brings a lab up (10.77.0.0/24 is one network
     per machine) holds this, so two pytest runs never tear down each other's lab hosts. A shared deployment held by
     this process is torn down first."""
@@ -103,7 +103,7 @@ class _Manager:
             pytest.fail("the lab tests need root (CI runs them as root)")
         inv = load_inventory(inventory)
         home = factory.mktemp(f"shared-{inventory}")
-        self._lock = _acquire(900)
+        self._lock = _acquire(1800)
         try:
             lab.lab_up(inv, home)
             self.current = SharedLab(inventory, home, inv, 0)  # torn down by release() even if the apply fails

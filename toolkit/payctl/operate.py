@@ -180,6 +180,7 @@ def logs(
     chosen = [node] if node else names
     with hosts.connect(inv, home, nodes=chosen) as conn:
         offsets: dict[tuple[str, str], int] = {}
+        cursors: dict[tuple[str, str], str] = {}  # systemd nodes: journal cursor of the last line shown
         polls = 0
         while True:
             for n in chosen:
@@ -187,11 +188,16 @@ def logs(
                 shell = shell_of(conn.host(n))
                 files = _log_files(shell, prefix, component, lab)
                 for f in files:
-                    if not lab:
-                        _, out, _ = shell(f"journalctl -u {shlex.quote(f)} -n {lines} --no-pager")
-                        yield n, out
-                        continue
                     key = (n, f)
+                    if not lab:
+                        ok, out, _ = shell(journal_command(f, lines, cursors.get(key)))
+                        if not ok:
+                            continue
+                        body, cursor = split_cursor(out)
+                        cursors[key] = cursor or cursors.get(key, "")
+                        if body:
+                            yield n, body
+                        continue
                     first = key not in offsets
                     q = shlex.quote(f)
                     ok, out, _ = shell(
@@ -206,9 +212,24 @@ def logs(
                     if body:
                         yield n, (f"==> {Path(f).name} <==\n" if first else "") + body
             polls += 1
-            if not follow or not lab or (max_polls is not None and polls >= max_polls):
+            if not follow or (max_polls is not None and polls >= max_polls):
                 return
             time.sleep(poll_s)
+
+
+def journal_command(unit: str, lines: int, cursor: str | None) -> str:
+    """journalctl for one unit: the last ``lines`` lines the first time, then only what follows ``cursor``; the
+    cursor of the last entry is printed last (``--show-cursor``) so the next poll continues from there."""
+    where = f"--after-cursor={shlex.quote(cursor)}" if cursor else f"-n {int(lines)}"
+    return f"journalctl -u {shlex.quote(unit)} {where} --no-pager --show-cursor -o short-iso"
+
+
+def split_cursor(out: str) -> tuple[str, str]:
+    """(log text, cursor) from journalctl --show-cursor output (no cursor line: no entries, cursor "")."""
+    body, sep, tail = out.rstrip("\n").rpartition("-- cursor: ")
+    if not sep:
+        return out.rstrip("\n") if "-- No entries --" not in out else "", ""
+    return body.rstrip("\n"), tail.strip()
 
 
 def _log_files(shell: lock.Shell, prefix: str, component: str | None, lab: bool) -> list[str]:
