@@ -42,6 +42,11 @@ def test_dry_run_prints_operations_and_contacts_nothing(
         assert op in out.out
     if phase >= 4:
         assert "write prometheus/prometheus.yml" in out.out
+        # the Kafka container's JMX exporter agent (KAFKA_OPTS) goes next to its config, with its rules
+        assert "Kafka JMX exporter agent kafka/jmx_prometheus_javaagent-" in out.out
+        assert "write kafka/jmx-exporter.yml" in out.out
+    else:
+        assert "JMX exporter" not in out.out
     assert not (tmp_path / "ktcloud-pay" / "secrets.yml").exists()  # a dry run creates no deployment identity
     assert not (tmp_path / "ktcloud-pay" / "audit.jsonl").exists()
 

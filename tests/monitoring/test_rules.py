@@ -11,7 +11,8 @@ import pytest
 from tests.monitoring.conftest import rendered
 
 ALERTS = ("PaymentLatencyP95High", "PaymentErrorRateHigh", "NodeCpuHigh", "DiskFillingUp", "ConsumerLagGrowing",
-          "OutboxBacklog", "ReplicaLagHigh", "SemiSyncFellBackToAsync", "TargetDown")  # fmt: skip
+          "OutboxBacklog", "ReplicaLagHigh", "SemiSyncFellBackToAsync", "TargetDown",
+          "KafkaUnderReplicatedPartitions")  # fmt: skip
 
 
 def _promtool_test(tmp: Path, rules: str, tests: str) -> subprocess.CompletedProcess[str]:
@@ -42,6 +43,8 @@ def test_every_limit_has_a_firing_and_rules_pass(files: tuple[str, str], tmp_pat
     ("> 0.85", "> 0.4", "NodeCpuHigh"),  # the 50 % node fires too
     ("[10m:1m]) > 0", "[10m:1m]) >= 0", "ConsumerLagGrowing"),  # a flat lag fires
     ('route!~"/metrics|/health"', 'route!~"/health"', "PaymentLatencyP95High"),  # slow scrapes count
+    ("(kafka_server_under_replicated_partitions) > 0", "(kafka_server_under_replicated_partitions) >= 0",
+     "KafkaUnderReplicatedPartitions"),  # the in-sync node fires too
 ])  # fmt: skip
 def test_a_wrong_rule_fails_its_unit_test(files: tuple[str, str], tmp_path: Path, wrong: str, right: str,
                                           alert: str) -> None:

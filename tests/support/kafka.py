@@ -59,6 +59,7 @@ class KafkaNode:
     heap_mb: int
     proc: subprocess.Popen[bytes] | None = None
     _log_mark: int = 0
+    jvm_args: tuple[str, ...] = ()  # e.g. the Prometheus JMX exporter's -javaagent (tests/monitoring)
 
     @property
     def log(self) -> Path:
@@ -77,7 +78,7 @@ class KafkaNode:
         jvm = [
             "java", f"-Xmx{self.heap_mb}m", f"-Xms{min(self.heap_mb, 128)}m", "-XX:+UseSerialGC",
             "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={self.base / 'log4j2.properties'}",
+            f"-Dlog4j2.configurationFile={self.base / 'log4j2.properties'}", *self.jvm_args,
             "-cp", f"{lib}/*", "kafka.Kafka", str(self.properties),
         ]
         out = open(self.base / "stdout.log", "ab")  # noqa: SIM115 - the child owns it
@@ -130,6 +131,7 @@ class Kafka:
     partitions: int = 1
     nodes: list[KafkaNode] = field(default_factory=list)
     cluster_id: str = ""
+    jvm_args: tuple[str, ...] = ()  # added to every node's JVM
 
     @property
     def broker_nodes(self) -> list[KafkaNode]:
@@ -142,6 +144,11 @@ class Kafka:
 
     def _plan(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
+        self._plan_nodes()
+        for n in self.nodes:
+            n.jvm_args = self.jvm_args
+
+    def _plan_nodes(self) -> None:
         if self.brokers <= 1:
             self.nodes = [KafkaNode(1, "broker,controller", self.base / "node1", free_port(), free_port(),
                                     self.heap_mb)]

@@ -44,6 +44,7 @@ READERS: Mapping[str, Reader] = MappingProxyType({
     "redis/exporter.env": Reader(("payctl-redis-exporter",)),
     "redis/sentinel.conf": Reader(()),  # write-once: Sentinel owns it after the first start
     "kafka/*.properties": Reader(("payctl-kafka",)),
+    "kafka/jmx-exporter.yml": Reader(("payctl-kafka",)),  # the JMX exporter agent reads it at JVM start
     KAFKA_LIB: Reader(("payctl-kafka",)),
     "nginx/nginx.conf": Reader(("payctl-nginx",), "reload"),
     "nginx/tls/*": Reader(("payctl-nginx",), "reload"),  # certificate and key (payctl.tls): SIGHUP re-reads them

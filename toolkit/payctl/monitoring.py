@@ -54,6 +54,14 @@ METRICS: Mapping[str, str] = MappingProxyType({
     "mysql_global_variables_rpl_semi_sync_master_enabled": "mysqld",
     "redis_up": "redis",
     "nginx_up": "nginx",
+    # the brokers' JMX exporter agent (native runtime: sizing.broker_metrics; templates/kafka/jmx-exporter.yml.j2)
+    "kafka_server_under_replicated_partitions": "kafka",
+    "kafka_server_isr_shrinks_total": "kafka",
+    "kafka_server_isr_expands_total": "kafka",
+    "kafka_server_messages_in_total": "kafka",
+    "kafka_network_requests_total": "kafka",
+    "kafka_log_size_bytes": "kafka",
+    "kafka_controller_active": "kafka",
     "up": "",
 })  # fmt: skip
 
@@ -83,11 +91,12 @@ FIGURES: Mapping[str, str] = MappingProxyType({
     "replica_lag_s": "max by (node) (mysql_slave_status_seconds_behind_master)",
     "semi_sync": "max by (node) (mysql_global_status_rpl_semi_sync_master_status)",
     "disk_free_percent": "payctl:node_disk_free_ratio * 100",
+    "kafka_under_replicated": "max by (node) (kafka_server_under_replicated_partitions)",
 })  # fmt: skip
 
 UNITS: Mapping[str, str] = MappingProxyType({
     "cpu": "%", "memory": "MB", "rps": "/s", "p95_ms": "ms", "error_percent": "%", "consumer_lag": "",
-    "outbox_backlog": "", "replica_lag_s": "s", "semi_sync": "", "disk_free_percent": "%",
+    "outbox_backlog": "", "replica_lag_s": "s", "semi_sync": "", "disk_free_percent": "%", "kafka_under_replicated": "",
 })  # fmt: skip
 
 #: The run series of ``payctl verify`` (ServerSeries fields); raw metrics, not 1m rules, so a short run has points.

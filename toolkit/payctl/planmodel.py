@@ -28,6 +28,7 @@ PORTS: Mapping[str, int] = {
     "mysqld_exporter": 9104,
     "redis_exporter": 9121,
     "nginx_exporter": 9113,
+    "kafka_exporter": 9404,  # the Prometheus JMX exporter java agent inside each Kafka JVM (native runtime)
     "grafana": 3000,
 }
 

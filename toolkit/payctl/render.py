@@ -197,6 +197,10 @@ PROMETHEUS_SCRAPE_INTERVAL = "15s"
 LAB_CGROUP_SCRIPT = "exporters/lab-cgroup-metrics.py"
 LAB_TEXTFILE_DIR = "run/node-exporter"
 LAB_CGROUP_INTERVAL_S = 5  # a few samples per 15 s scrape
+#: The Prometheus JMX exporter java agent: packaging/kafka/pom.xml copies it with the broker jars into kafka/lib
+#: (native runtime); the compose deploy puts it next to the Kafka config, which the containers mount.
+JMX_EXPORTER_JAR = "jmx_prometheus_javaagent-1.0.1.jar"
+JMX_EXPORTER_CONFIG = "kafka/jmx-exporter.yml"
 #: Alert thresholds: the plan's limits (issue: p95 150 ms, errors 1 %, CPU 85 %).
 ALERTS: Mapping[str, object] = MappingProxyType({
     "p95_ms": 150, "p95_seconds": "0.15", "error_ratio": "0.01", "error_percent": 1, "cpu_ratio": "0.85",
@@ -445,6 +449,7 @@ class _Program:
 
 def _programs(plan: Plan, node: NodePlan, lab: bool, secret: SecretFn) -> list[_Program]:
     from payctl.plan import PORTS
+    from payctl.sizing import broker_metrics
 
     prefix, priv = node.prefix, node.private_address
     paths = _native_paths(prefix)
@@ -463,8 +468,10 @@ def _programs(plan: Plan, node: NodePlan, lab: bool, secret: SecretFn) -> list[_
     if "kafka" in comps and node.kafka is not None:
         heap = node.kafka.heap_mb
         name = "server" if "broker" in node.kafka.process_roles else "controller"
+        agent = (f"-javaagent:{paths['kafka_lib']}/{JMX_EXPORTER_JAR}={priv}:{PORTS['kafka_exporter']}:"
+                 f"{prefix}/{JMX_EXPORTER_CONFIG} " if broker_metrics(comps) else "")  # fmt: skip
         out.append(_Program("payctl-kafka", "kafka", "Apache Kafka (KRaft)",
-                            f"/usr/bin/java -Xms{heap}m -Xmx{heap}m -cp {paths['kafka_lib']}/* kafka.Kafka "
+                            f"/usr/bin/java -Xms{heap}m -Xmx{heap}m {agent}-cp {paths['kafka_lib']}/* kafka.Kafka "
                             f"{prefix}/kafka/{name}.properties", stop_timeout_s=60, start_secs=5))  # fmt: skip
     if "nginx" in comps:
         out.append(_Program("payctl-nginx", "nginx", "nginx load balancer",
@@ -558,6 +565,7 @@ def _service(node: NodePlan, name: str, component: str, image: str, share: int =
 
 def _compose_services(plan: Plan, node: NodePlan) -> tuple[list[dict[str, Any]], list[str]]:
     from payctl.plan import PORTS
+    from payctl.sizing import broker_metrics
 
     priv = node.private_address
     comps = {c.name for c in node.components}
@@ -602,10 +610,17 @@ def _compose_services(plan: Plan, node: NodePlan) -> tuple[list[dict[str, Any]],
                  if "broker" in k.process_roles else
                  f"/opt/kafka/bin/kafka-metadata-quorum.sh --bootstrap-controller {priv}:{PORTS['kafka_controller']}"
                  " describe --status")  # fmt: skip
+        kenv = [("KAFKA_HEAP_OPTS", f"-Xms{k.heap_mb}m -Xmx{k.heap_mb}m")]
+        if broker_metrics(comps):
+            # The agent jar and its rules sit in ./kafka (mounted at /etc/payctl/kafka). The image's tool scripts
+            # read KAFKA_OPTS too: the healthcheck clears it, or its JVM would try to bind the agent's port again.
+            kenv.append(("KAFKA_OPTS", f"-javaagent:/etc/payctl/kafka/{JMX_EXPORTER_JAR}={priv}:"
+                                       f"{PORTS['kafka_exporter']}:/etc/payctl/{JMX_EXPORTER_CONFIG}"))
+            check = f"KAFKA_OPTS= {check}"
         services.append(_service(node, "kafka", "kafka", IMAGES["kafka"],
                                  command=["/opt/kafka/bin/kafka-server-start.sh",
                                           f"/etc/payctl/kafka/{props}.properties"],
-                                 environment=[("KAFKA_HEAP_OPTS", f"-Xms{k.heap_mb}m -Xmx{k.heap_mb}m")],
+                                 environment=kenv,
                                  volumes=["./kafka:/etc/payctl/kafka:ro", "kafka-data:/var/lib/kafka/data"],
                                  depends_on=[("kafka-format", "service_completed_successfully")],
                                  healthcheck=["CMD-SHELL", f"{check} >/dev/null"], start_period="60s",
@@ -692,6 +707,7 @@ def _env_text(pairs: list[tuple[str, str]]) -> str:
 
 def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: SecretFn) -> list[RenderedFile]:
     """Every file of one node for the plan's phase."""
+    from payctl.sizing import broker_metrics
     lab = is_lab(plan)
     ctx = _context(plan, node, secret)
     comps = {c.name for c in node.components}
@@ -767,6 +783,8 @@ def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Secr
                         "default.replication.factor": str(plan.kafka.replication_factor)}  # fmt: skip
         add("kafka/server.properties.j2", f"kafka/{name}.properties", FileKind.KAFKA_PROPERTIES,
             f"Kafka {k.process_roles}", expect=kexpect)
+        if broker_metrics(comps):
+            add("kafka/jmx-exporter.yml.j2", JMX_EXPORTER_CONFIG, FileKind.TEXT, "Kafka JMX exporter rules")
     if node.nginx is not None:
         add("nginx/nginx.conf.j2", "nginx/nginx.conf", FileKind.NGINX_CONF, "load balancer",
             addresses=(node.nginx.listen_address, node.private_address),

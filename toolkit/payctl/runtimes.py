@@ -582,6 +582,23 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
 # --------------------------------------------------------------------------------------------------- compose (VMs)
 
 
+def _compose_jmx_agent(ops: _Ops, ctx: BuildContext, p: str) -> None:
+    """The Kafka container's JMX exporter agent (KAFKA_OPTS -javaagent, payctl.render): the jar from the local Kafka
+    bundle goes next to the Kafka config the container mounts (files.put: unchanged when the node has the same)."""
+    from payctl.errors import PayctlError
+    from payctl.render import JMX_EXPORTER_JAR
+    from payctl.sizing import broker_metrics
+
+    if not broker_metrics(c.name for c in ctx.node.components):
+        return
+    jar = ctx.kafka_lib / JMX_EXPORTER_JAR if ctx.kafka_lib is not None else None
+    if jar is None or not jar.is_file():
+        raise PayctlError(f"the Kafka JMX exporter agent ({JMX_EXPORTER_JAR}) is missing from the Kafka jar bundle",
+                          hint="run scripts/fetch-kafka (packaging/kafka/pom.xml lists it)")  # fmt: skip
+    ops.add(f"Kafka JMX exporter agent kafka/{JMX_EXPORTER_JAR}", files.put, src=str(jar),
+            dest=f"{p}/kafka/{JMX_EXPORTER_JAR}", mode="644", add_deploy_dir=False)  # fmt: skip
+
+
 def build_compose(ctx: BuildContext, marker_text: str) -> NodeWork:
     """Docker Engine + Compose v2 from Docker's apt repository, the project files, `docker compose up -d --wait`."""
     work = NodeWork(ctx.node.name)
@@ -609,6 +626,7 @@ def build_compose(ctx: BuildContext, marker_text: str) -> NodeWork:
             rel = src.relative_to(ctx.app_source)
             ops.add(f"payapp source {rel}", files.put, src=str(src), dest=f"{p}/payapp/{rel}", mode="644",
                     add_deploy_dir=False)  # fmt: skip
+    _compose_jmx_agent(ops, ctx, p)
     _marker(ops, ctx, marker_text)
     if changed or not ctx.facts.live:
         ops.shell(

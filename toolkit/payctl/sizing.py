@@ -7,7 +7,7 @@ is what it is in a ``Book``. docs/capacity-plan.md states every rule; the consta
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from payctl.inventory import Component, Inventory, Node
 from payctl.phase import Phase
@@ -179,6 +179,13 @@ def size_node(
     return cpus, mem
 
 
+def broker_metrics(comps: Iterable[str]) -> bool:
+    """A Kafka node exports JMX through the Prometheus JMX exporter java agent (from Maven Central with the broker
+    jars; the deploy ships it in both runtimes) once the node runs exporters (phase 4 on)."""
+    names = set(comps)
+    return "kafka" in names and "exporters" in names
+
+
 def ports_of(node: Node, comps: list[Component]) -> dict[Component, tuple[Port, ...]]:
     a = node.private_address
     out: dict[Component, tuple[Port, ...]] = {
@@ -204,6 +211,8 @@ def ports_of(node: Node, comps: list[Component]) -> dict[Component, tuple[Port, 
     for comp, name in (("mariadb", "mysqld_exporter"), ("redis", "redis_exporter"), ("nginx", "nginx_exporter")):
         if comp in comps:
             exporters.append(Port(name, PORTS[name], a))
+    if broker_metrics(comps):
+        exporters.append(Port("kafka_exporter", PORTS["kafka_exporter"], a))
     out["exporters"] = tuple(exporters)
     return {c: out[c] for c in comps}
 
@@ -412,7 +421,10 @@ def prometheus_targets(
             ("mariadb", "mysqld", PORTS["mysqld_exporter"]),
             ("redis", "redis", PORTS["redis_exporter"]),
             ("nginx", "nginx", PORTS["nginx_exporter"]),
+            ("kafka", "kafka", PORTS["kafka_exporter"]),
         ):
+            if comp == "kafka" and not broker_metrics(comps):
+                continue
             if comp in comps and ("exporters" in comps or comp in ("app", "relay", "consumer")):
                 out.append((job, f"{a}:{port}"))
     return tuple(out)
