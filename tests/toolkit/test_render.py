@@ -223,7 +223,8 @@ def _mysql(server: MariaDB, sql: str, *args: str) -> str:
 def test_users_sql_runs_on_a_real_mariadb_and_grants_least_privilege(mariadb: MariaDB) -> None:
     plan = plan_for("ktcloud-2node", 5)
     secrets: dict[str, Any] = {n: f"pw-{n}" for n in ("mariadb_app", "mariadb_migrate", "mariadb_exporter",
-                                                      "mariadb_replication", "mariadb_root", "redis_app",
+                                                      "mariadb_replication", "mariadb_root", "mariadb_backup",
+                                                      "redis_app",
                                                       "redis_replication", "redis_sentinel", "redis_exporter",
                                                       "grafana_admin")}  # fmt: skip
     files = render(plan, secrets)
@@ -301,7 +302,7 @@ def test_rendered_redis_acls_and_replication_on_real_servers(tmp_path: Path) -> 
 
     secrets = {n: f"pw-{n}" for n in ("redis_app", "redis_replication", "redis_sentinel", "redis_exporter",
                                       "mariadb_app", "mariadb_migrate", "mariadb_exporter", "mariadb_replication",
-                                      "mariadb_root", "grafana_admin")}  # fmt: skip
+                                      "mariadb_root", "mariadb_backup", "grafana_admin")}  # fmt: skip
     files = render(plan_for("ktcloud-2node", 5), secrets)
     mport, rport = free_port(), free_port()
     procs = [_start_redis(files["node1/redis/redis.conf"].text, tmp_path / "master", mport, None)]
@@ -485,7 +486,8 @@ def test_rendered_mariadb_primary_and_replica_replicate_with_gtid_and_semisync(t
     from tests.support.services import wait_until
 
     secrets = {n: f"pw-{n}" for n in ("mariadb_app", "mariadb_migrate", "mariadb_exporter", "mariadb_replication",
-                                      "mariadb_root", "redis_app", "redis_replication", "redis_sentinel",
+                                      "mariadb_root", "mariadb_backup", "redis_app", "redis_replication",
+                                      "redis_sentinel",
                                       "redis_exporter")}  # fmt: skip
     files = render(plan_for("lab-2node", 5), secrets)
     ns = {"node1": f"payctl-tdb1-{os.getpid()}", "node2": f"payctl-tdb2-{os.getpid()}"}
@@ -604,7 +606,8 @@ def test_rendered_sentinel_answers_clients_on_its_private_address(tmp_path: Path
     from tests.support.services import wait_until
 
     conf = render(plan_for("lab-2node", 5), {n: f"pw-{n}" for n in (
-        "mariadb_app", "mariadb_migrate", "mariadb_exporter", "mariadb_replication", "mariadb_root", "redis_app",
+        "mariadb_app", "mariadb_migrate", "mariadb_exporter", "mariadb_replication", "mariadb_root", "mariadb_backup",
+        "redis_app",
         "redis_replication", "redis_sentinel", "redis_exporter")})["node1/redis/sentinel.conf"].text
     moved = "\n".join({"dir": f"dir {tmp_path}", "logfile": f"logfile {tmp_path / 's.log'}",
                        "pidfile": f"pidfile {tmp_path / 's.pid'}"}.get(ln.split(" ", 1)[0], ln)

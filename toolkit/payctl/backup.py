@@ -473,3 +473,83 @@ def fetch_binlogs_since(source: Source, manifest: Manifest, dest: Path, step: St
         got.append(dest / name)
     step(f"{len(got)} binlog files written on {source.name} since backup {manifest.id}")
     return got
+
+
+# --------------------------------------------------------------------------------------------------- the schedule
+
+
+def daily_script(node_script_path: str, backups_dir: str, retention: Retention, at_utc: str = SCHEDULE_UTC) -> str:
+    """The node's scheduled backup: ``once`` takes one into ``backups_dir/<ID>`` and applies retention; ``loop``
+    (the lab's supervisor program; VMs use a systemd timer) runs ``once`` daily at ``at_utc``."""
+    q = shlex.quote
+    budget = (f' && [ $((used + size)) -le {retention.budget_bytes} ]' if retention.budget_bytes else "")
+    return f"""#!/bin/bash
+# payctl: daily MariaDB backup of this node into {backups_dir}/<ID>, keeping at most {retention.keep}
+# within {retention.budget_bytes} bytes (0: no limit; the plan's backups disk item). The newest is always kept.
+set -euo pipefail
+umask 077
+DIR={q(backups_dir)}
+
+once() {{
+  mkdir -p "$DIR"
+  id=$(date -u +%Y%m%dT%H%M%SZ)
+  bash {q(node_script_path)} "$DIR/$id" > /dev/null
+  used=0
+  n=0
+  for d in $(ls -1d "$DIR"/[0-9]*T*Z 2>/dev/null | sort -r); do
+    size=$(du -sb "$d" | cut -f1)
+    if [ "$n" -eq 0 ] || {{ [ "$n" -lt {retention.keep} ]{budget}; }}; then
+      n=$((n + 1))
+      used=$((used + size))
+    else
+      rm -rf "$d"
+    fi
+  done
+  echo "backup $id done; $n kept ($used bytes)"
+}}
+
+loop() {{
+  while true; do
+    now=$(date -u +%s)
+    next=$(date -u -d "today {at_utc}" +%s)
+    [ "$next" -gt "$now" ] || next=$(date -u -d "tomorrow {at_utc}" +%s)
+    sleep $((next - now))
+    once || echo "scheduled backup failed (exit $?)" >&2
+  done
+}}
+
+case "${{1:-once}}" in
+  once) once ;;
+  loop) loop ;;
+  *) echo "usage: $0 once|loop" >&2; exit 2 ;;
+esac
+"""
+
+
+def systemd_units(daily_path: str, at_utc: str = SCHEDULE_UTC) -> tuple[str, str]:
+    """(service, timer) for VMs: a oneshot service running the daily script, and its daily timer (UTC)."""
+    service = f"""# payctl: the daily MariaDB backup (oneshot; started by payctl-backup.timer).
+[Unit]
+Description=payctl daily MariaDB backup
+After=payctl-mariadb.service
+Requires=payctl-mariadb.service
+
+[Service]
+Type=oneshot
+ExecStart=/bin/bash {daily_path} once
+Nice=10
+IOSchedulingClass=idle
+"""
+    timer = f"""# payctl: runs payctl-backup.service daily at {at_utc} UTC (Persistent: a missed run happens at boot).
+[Unit]
+Description=payctl daily MariaDB backup at {at_utc} UTC
+
+[Timer]
+OnCalendar=*-*-* {at_utc}:00 UTC
+Persistent=true
+RandomizedDelaySec=300
+
+[Install]
+WantedBy=timers.target
+"""
+    return service, timer

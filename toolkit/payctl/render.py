@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
+from payctl import backup
+from payctl.backup import BACKUP_GRANTS, BACKUP_USER
 from payctl.errors import PayctlError
 from payctl.paths import data_dir
 
@@ -260,6 +262,9 @@ def _mariadb_context(plan: Plan, node: NodePlan, secret: SecretFn) -> dict[str, 
     for host in app_hosts:
         users.append(_user("app", host, secret("mariadb_app"), dml))
         users.append(_user("migrate", host, secret("mariadb_migrate"), ddl))
+    if plan.runtime == "native":
+        # mariabackup on every DB node, over the local socket only (payctl.backup: what mariabackup 10.11 checks for).
+        users.append(_user(BACKUP_USER, "localhost", secret("mariadb_backup"), (BACKUP_GRANTS, "*.*")))
     for host in db_hosts:
         users.append(_user("exporter", host, secret("mariadb_exporter"),
                            ("PROCESS, REPLICATION CLIENT, SLAVE MONITOR", "*.*"),
@@ -476,6 +481,11 @@ def _programs(plan: Plan, node: NodePlan, lab: bool, secret: SecretFn) -> list[_
     if "nginx" in comps:
         out.append(_Program("payctl-nginx", "nginx", "nginx load balancer",
                             f'/usr/sbin/nginx -p {prefix}/nginx/ -c {prefix}/nginx/nginx.conf -g "daemon off;"'))
+    if "mariadb" in comps and lab:
+        # The daily backup (payctl.backup); on VMs a systemd timer runs the same script.
+        out.append(_Program("payctl-backup", "mariadb", f"daily MariaDB backup at {backup.SCHEDULE_UTC} UTC",
+                            f"/bin/bash {prefix}/mariadb/backup-daily.sh loop", stop_timeout_s=10,
+                            start_secs=1))  # fmt: skip
     app_after = tuple(p.name for p in out if p.component in ("mariadb", "redis"))
     for comp, verb, desc in (("app", "serve", "payapp API"), ("relay", "relay", "payapp outbox relay"),
                              ("consumer", "consume", "payapp event consumer")):  # fmt: skip
@@ -757,6 +767,8 @@ def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Secr
                                       mode=0o600, description="mysqld exporter credentials",
                                       expect={"user": "exporter", "host": node.private_address, "port": port}))
 
+        if plan.runtime == "native":
+            files += _backup_files(node, lab, secret)
         if plan.runtime == "compose":
             files.append(RenderedFile(node.name, "mariadb/mariadb.env", FileKind.ENV_FILE,
                                       _env_text([("MARIADB_ROOT_PASSWORD", secret("mariadb_root")),
@@ -833,6 +845,47 @@ def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Secr
                 add("systemd/unit.service.j2", f"systemd/{p['name']}.service", FileKind.SYSTEMD_UNIT,
                     f"systemd unit {p['name']}", context={"program": p}, deploy_paths=(f"{prefix}/",))
     return files
+
+
+def backup_layout(node: NodePlan) -> backup.NodeLayout:
+    """Where a native DB node keeps its backup account's option file, lock and (app nodes) payapp's python."""
+    python = f"{node.prefix}/venv/bin/python" if node.app is not None else ""
+    return backup.NodeLayout(f"{node.prefix}/mariadb/backup.cnf", f"{node.prefix}/run/backup.lock", python)
+
+
+def backup_retention(node: NodePlan) -> backup.Retention:
+    """Retention from the plan's ``backups`` disk item of the node."""
+    gb = next((i.gb for i in node.disk.items if i.name == "backups"), None) if node.disk is not None else None
+    return backup.retention_for(gb)
+
+
+def _backup_files(node: NodePlan, lab: bool, secret: SecretFn) -> list[RenderedFile]:
+    """The backup account's option file, the backup script and the daily schedule (payctl.backup)."""
+    p = node.prefix
+    sock = _native_paths(p)["mariadb_socket"]
+    auth = f"user={BACKUP_USER}\npassword={secret('mariadb_backup')}\nsocket={sock}\n"
+    layout = backup_layout(node)
+    daily = f"{p}/mariadb/backup-daily.sh"
+    out = [
+        RenderedFile(node.name, "mariadb/backup.cnf", FileKind.MARIADB_CLIENT_CNF,
+                     f"[client]\n{auth}[mariabackup]\n{auth}datadir={_native_paths(p)['mariadb_data']}\n",
+                     mode=0o600, description="backup account (mariabackup, socket only)",
+                     expect={"user": BACKUP_USER, "socket": sock}),
+        RenderedFile(node.name, "mariadb/backup.sh", FileKind.TEXT, backup.node_script(layout), mode=0o700,
+                     description="one online backup: mariabackup + binlogs + sha256 (payctl backup runs it too)"),
+        RenderedFile(node.name, "mariadb/backup-daily.sh", FileKind.TEXT,
+                     backup.daily_script(f"{p}/mariadb/backup.sh", f"{p}/backups", backup_retention(node)),
+                     mode=0o700, description=f"daily backup at {backup.SCHEDULE_UTC} UTC with retention"),
+    ]  # fmt: skip
+    if not lab:
+        service, timer = backup.systemd_units(daily)
+        out += [
+            RenderedFile(node.name, "mariadb/payctl-backup.service", FileKind.SYSTEMD_UNIT, service,
+                         description="daily backup (oneshot)", deploy_paths=(f"{p}/",)),
+            RenderedFile(node.name, "mariadb/payctl-backup.timer", FileKind.SYSTEMD_UNIT, timer,
+                         description=f"daily backup timer ({backup.SCHEDULE_UTC} UTC)"),
+        ]  # fmt: skip
+    return out
 
 
 def render(plan: Plan, secrets: Mapping[str, str] | None = None) -> dict[str, RenderedFile]:

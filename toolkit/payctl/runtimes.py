@@ -36,7 +36,7 @@ from payctl.plan import NodePlan, Plan
 from payctl.render import RenderedFile, kafka_cluster_id
 from payctl.wheelhouse import MANIFEST, Wheelhouse
 
-LAB_PACKAGES = ("mariadb-server", "redis-server", "nginx-light", "supervisor", "python3-venv")
+LAB_PACKAGES = ("mariadb-server", "mariadb-backup", "redis-server", "nginx-light", "supervisor", "python3-venv")
 VM_PACKAGES = ("mariadb-server", "mariadb-backup", "redis-server", "redis-sentinel", "nginx-light", "python3-venv")
 MONITORING_PACKAGES = (
     "prometheus", "prometheus-node-exporter", "prometheus-mysqld-exporter", "prometheus-redis-exporter",
@@ -570,6 +570,7 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
             daemon_reload=bool(unit_changed),
         )
     _users_and_migrate(ops, ctx, changed, initialised=not ctx.facts.mariadb_initialised, installed=installed)
+    _backup_timer(ops, ctx)
     for name in programs:
         restart = name in fx.restart
         ops.add(f"systemd {name}", systemd.service, service=name, running=True, enabled=True, restarted=restart,
@@ -577,6 +578,21 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
         if restart:
             work.restart.append(name)
     return work
+
+
+def _backup_timer(ops: _Ops, ctx: BuildContext) -> None:
+    """The daily backup on a VM: its oneshot service and timer (rendered under mariadb/) installed and the timer on."""
+    units = [f"payctl-backup.{kind}" for kind in ("service", "timer") if f"mariadb/payctl-backup.{kind}" in ctx.files]
+    if len(units) != 2:
+        return
+    changed = False
+    for unit in units:
+        f = ctx.files[f"mariadb/{unit}"]
+        dest = f"/etc/systemd/system/{unit}"
+        if not _same(ctx, dest, f.text, 0o644):
+            changed = ops.add(f"unit {unit}", files.put, src=io.StringIO(f.text), dest=dest, mode="644") or changed
+    ops.add("systemd payctl-backup.timer (daily backup)", systemd.service, service="payctl-backup.timer",
+            running=True, enabled=True, daemon_reload=changed)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------- compose (VMs)

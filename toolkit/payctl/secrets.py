@@ -31,6 +31,7 @@ SECRET_NAMES: Final = (
     "mariadb_migrate",
     "mariadb_replication",
     "mariadb_exporter",
+    "mariadb_backup",
     "redis_app",
     "redis_replication",
     "redis_sentinel",
