@@ -138,7 +138,7 @@ def test_phase5_topology_with_witness() -> None:
     assert [(c.name, c.role) for c in witness.components] == [
         ("sentinel", ""), ("kafka", "controller"), ("exporters", "")
     ]  # fmt: skip
-    assert [p.port for c in witness.components for p in c.ports] == [26379, 9093, 9100]
+    assert [p.port for c in witness.components for p in c.ports] == [26379, 9093, 9100, 9404]  # 9404: JMX agent
     assert witness.kafka is not None and witness.kafka.retention_hours is None
     node2 = plan.node("node2")
     assert node2.redis is not None and node2.redis.replicaof == "198.51.100.11"
