@@ -119,7 +119,9 @@ class NodeOutcome:
     node: str
     before: str
     after: str
+    stage_s: float = 0.0  # wheelhouse shipped and release installed (the node still serving)
     drain_s: float = 0.0
+    healthy_s: float = 0.0  # switch + start until healthy
     out_of_lb_s: float | None = None
     downtime_s: float | None = None  # in place only: SIGTERM to healthy
     notes: list[str] = field(default_factory=list)
@@ -284,11 +286,13 @@ def _roll_node(conn: hosts.Connected, up: UpgradePlan, plan: Plan, s: NodeStep, 
     n = rolling.NodeShell(conn, s.node, s.prefix, up.lab)
     out = NodeOutcome(s.node, s.current, s.current)
     target_dir = releases.release_dir(s.prefix, s.target)
+    staged_at = time.monotonic()
     if house is not None:
         hooks.step(s.node, "ship the wheelhouse")
         _ship_wheelhouse(n, facts, house, req.home / "bundles")
         hooks.step(s.node, f"install release {s.target} (the node still serves)")
         n.run(releases.install_command(s.prefix, s.target, f"{s.prefix}/wheelhouse"), f"installing {s.target}")
+        out.stage_s = round(time.monotonic() - staged_at, 2)
     if s.migrate:
         hooks.step(s.node, "payapp migrate (once, from the new release)")
         try:
@@ -314,6 +318,7 @@ def _roll_node(conn: hosts.Connected, up: UpgradePlan, plan: Plan, s: NodeStep, 
     n.programs("stop", s.programs)
     out.drain_s = round(time.monotonic() - stopped_at, 2)
     hooks.step(s.node, f"current -> {s.target}, start")
+    switched_at = time.monotonic()
     n.run(releases.switch_command(s.prefix, s.target), "switching current")
     n.programs("start", s.programs)
     ok, detail = _healthy(conn, plan, hooks, s.node, req.health_timeout_s)
@@ -334,6 +339,7 @@ def _roll_node(conn: hosts.Connected, up: UpgradePlan, plan: Plan, s: NodeStep, 
                            f"{req.health_timeout_s:.0f}s ({detail}); {state}",
                            hint=f"see `payctl logs -i INV --node {s.node} --component app`; nodes after "
                            f"{s.node} were not touched")  # fmt: skip
+    out.healthy_s = round(time.monotonic() - switched_at, 2)
     if up.in_place:
         out.downtime_s = round(time.monotonic() - stopped_at, 2)
     if lb is not None:

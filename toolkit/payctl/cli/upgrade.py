@@ -60,7 +60,9 @@ def _run(kind: upgrade.Kind, inventory: str, version: str | None, dry_run: bool,
         lb = f", out of the LB {o.out_of_lb_s:.1f}s" if o.out_of_lb_s is not None else ""
         down = f", downtime {o.downtime_s:.1f}s (SIGTERM to healthy, no peer to carry traffic)" \
             if o.downtime_s is not None else ""  # fmt: skip
-        console.print(f"{o.node}: {o.before} -> {o.after}, drain {o.drain_s:.1f}s{lb}{down}", markup=False)
+        stage = f"stage {o.stage_s:.1f}s, " if kind == "upgrade" else ""
+        console.print(f"{o.node}: {o.before} -> {o.after}, drain {o.drain_s:.1f}s{lb}{down} "
+                      f"({stage}start to healthy {o.healthy_s:.1f}s)", markup=False)  # fmt: skip
         for note in o.notes:
             console.print(f"  note: {note}", markup=False)
     done = "upgraded" if kind == "upgrade" else "rolled back"
