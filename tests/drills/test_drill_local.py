@@ -5,17 +5,22 @@ captures as unsettled (it must be able to fail), while nothing acknowledged is m
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from payctl import drill
+from payctl import drill, lock
 from payctl.drillaudit import DbFacts, facts_argv, judge, parse_log
+from payctl.drillfaults import Node
+from payctl.gate import check_target
+from payctl.serverchecks import CommandResult
 from tests.app.conftest import make_env, new_database, start_serve
 from tests.support.services import MariaDB, Redis
 
@@ -75,3 +80,67 @@ def test_acknowledged_payments_are_found_and_the_missing_pipeline_is_reported(
     again = judge(log, _facts(env_file, prefix))
     assert again.duplicates["payments without their own idempotency key"] == 1
     assert "1 payments with an unbalanced ledger (e.g. 999999999)" in again.problems
+
+
+class LoopbackRunner:
+    """Stands in for the lab hosts at the runner seam: ``ip netns exec NS argv`` runs argv here, supervisord's status
+    is the one program ``payctl-app`` (the real ``payapp serve`` master); ``pgrep``/``kill`` are the real ones."""
+
+    def __init__(self, master_pid: int) -> None:
+        self.master_pid = master_pid
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: Sequence[str], timeout: float) -> CommandResult:
+        argv = list(argv)
+        self.calls.append(argv)
+        if argv[:3] == ["ip", "netns", "exec"]:
+            argv = argv[4:]
+        if argv[0] == "supervisorctl":
+            return CommandResult(0, f"payctl-app    RUNNING   pid {self.master_pid}, uptime 0:01:00\n", "")
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        return CommandResult(p.returncode, p.stdout, p.stderr)
+
+
+def _local_shell(_: str) -> Callable[[str], tuple[bool, str, str]]:
+    def shell(cmd: str) -> tuple[bool, str, str]:
+        p = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=30, check=False)
+        return p.returncode == 0, p.stdout, p.stderr
+
+    return shell
+
+
+def test_a_whole_drill_on_loopback_kills_a_worker_and_reports_what_it_saw(
+    mariadb: MariaDB, redis_server: Redis, tmp_path: Path
+) -> None:
+    """run_drill end to end (load, fault at the warm-up, recovery, drain, audit, lock and audit line) with the lab
+    replaced at the runner seam; no relay/consumer here, so the drill must fail on the unsettled pipeline."""
+    db = new_database(mariadb, "drillrun")
+    env = make_env(db.url, redis_server.url())
+    prefix = tmp_path / "node1"
+    prefix.mkdir()
+    (prefix / "venv").symlink_to(Path(sys.executable).parent.parent)  # the node's venv is this one
+    (prefix / "app.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    server = start_serve(env, tmp_path / "serve.log", workers=1).wait_ready()
+    try:
+        node = Node("node1", "pl-test-node1", str(prefix), "vpl-test-node1", "127.0.0.1")
+        spec = drill.DrillSpec("kill-app", rps=10, duration_s=12, warmup_s=4, recover_bound_s=20, drain_bound_s=4)
+        plan = drill.DrillPlan("test", spec, check_target(server.url, None), (node,), node, node)
+        runner = LoopbackRunner(server.proc.pid)
+        before = server.worker_pids()
+        result = drill.run_drill(plan, tmp_path / "report", runner=runner, shell_for=_local_shell,
+                                 audit_home=tmp_path / "home", command="drill kill-app")  # fmt: skip
+    finally:
+        server.stop()
+    assert ["kill", "-9", str(before[0])] in runner.calls  # the worker, by the pid its master has
+    assert result.fault.killed == {"worker": (before[0],)}
+    tl = result.timeline
+    assert tl.sent >= 100 and tl.failed_before == 0 and tl.recovered_after_s is not None
+    assert result.services_recovered_after_s is not None and result.healthy_after
+    assert result.audit.lost["acknowledged payments missing"] == 0 and result.audit.duplicates_total == 0
+    assert result.audit.lost["captures not settled"] > 0 and not result.passed
+    assert any(p.startswith("lost: events not published:") for p in result.problems)
+    assert not Path(lock.lock_path(str(prefix))).exists()  # taken for the drill (the audit line went next to it)
+    assert (prefix / "payctl" / "audit.jsonl").is_file()
+    line = json.loads((tmp_path / "home" / "test" / "audit.jsonl").read_text().splitlines()[-1])
+    assert (line["command"], line["result"]) == ("drill kill-app", "failed")
+    assert "captures not settled" in line["error"]

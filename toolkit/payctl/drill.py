@@ -334,9 +334,11 @@ def run_drill(
     command: str = "drill",
     audit_home: Path | None = None,
     inventory_path: Path | None = None,
+    shell_for: Callable[[str], lock.Shell] | None = None,
 ) -> DrillResult:
     """Run the drill: load, fault, recovery, drain, audit. Holds the deploy lock on the first node meanwhile and,
-    with ``audit_home``, writes an audit line (locally and on the first node) like an apply does."""
+    with ``audit_home``, writes an audit line (locally and on the first node) like an apply does. ``runner`` and
+    ``shell_for`` (namespace -> shell for the lock and audit) are the seams to the lab hosts."""
     run = runner or local_runner()
     if not _healthy(plan, run, None):
         raise PayctlError(
@@ -346,7 +348,7 @@ def run_drill(
         )
     report_dir.mkdir(parents=True, exist_ok=True)
     first = plan.nodes[0]
-    shell = _netns_shell(first.namespace)
+    shell = (shell_for or _netns_shell)(first.namespace)
     held = lock.new_info(plan.deployment, command)
     lock.acquire(shell, first.prefix, held, node=first.name)
     started = time.monotonic()
