@@ -25,7 +25,7 @@ from payctl.gate import deployed_phase
 from payctl.inventory import Inventory
 from payctl.phase import load_phase
 from payctl.plan import PORTS, NodePlan, Plan, make_plan
-from payctl.render import DATABASE, backup_layout, backup_retention
+from payctl.render import DATABASE, backup_layout, backup_retention, payapp_bin
 from payctl.scale import SshIO, db_node
 from payctl.secrets import load_or_create
 
@@ -133,7 +133,7 @@ def restore_target(plan: Plan, manifest: Manifest, node: str | None, port: int, 
     return restore.Target(
         name=n.name, io=conn_io, workdir=f"{n.prefix}/restore/{manifest.id}", address=n.private_address, port=port,
         run_as="root" if lab else "mysql", client="mariadb -uroot",
-        payapp=f"{n.prefix}/venv/bin/payapp" if n.app is not None else "",
+        payapp=f"{payapp_bin(n.prefix)}/payapp" if n.app is not None else "",
         db_url=f"mysql://app:{app_password}@{n.private_address}:{port}/{DATABASE}", reconcile_tz=tz,
     )  # fmt: skip
 

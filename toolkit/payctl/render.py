@@ -847,9 +847,14 @@ def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Secr
     return files
 
 
+def payapp_bin(prefix: str) -> str:
+    """The bin directory of the node's current payapp release (native runtime)."""
+    return _native_paths(prefix)["app_bin"]
+
+
 def backup_layout(node: NodePlan) -> backup.NodeLayout:
     """Where a native DB node keeps its backup account's option file, lock and (app nodes) payapp's python."""
-    python = f"{node.prefix}/venv/bin/python" if node.app is not None else ""
+    python = f"{payapp_bin(node.prefix)}/python" if node.app is not None else ""
     return backup.NodeLayout(f"{node.prefix}/mariadb/backup.cnf", f"{node.prefix}/run/backup.lock", python)
 
 

@@ -42,6 +42,6 @@ stat -c '%s %n' base.tar.gz binlogs/* > SIZES
   echo "binlogs=${copied# }"
   echo "read_only=$(mariadb --defaults-file=/opt/payctl/mariadb/backup.cnf -N -B -e 'SELECT @@read_only')"
   echo "mariadb_version=$(mariadb --defaults-file=/opt/payctl/mariadb/backup.cnf -N -B -e 'SELECT VERSION()')"
-  echo "payapp_version=$(/opt/payctl/venv/bin/python -c 'import importlib.metadata as m; print(m.version("payapp"))' 2>/dev/null || true)"
+  echo "payapp_version=$(/opt/payctl/current/bin/python -c 'import importlib.metadata as m; print(m.version("payapp"))' 2>/dev/null || true)"
 } > info
 cat info
