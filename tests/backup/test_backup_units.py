@@ -183,3 +183,24 @@ def test_daily_script_takes_a_backup_and_keeps_only_what_retention_allows(small_
         fcntl.flock(fh, fcntl.LOCK_EX)
         busy = subprocess.run(["bash", str(node), str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
     assert busy.returncode == backup.EXIT_BUSY and "another backup is running" in busy.stderr
+
+
+def test_a_gap_in_the_binlogs_is_refused_before_replaying() -> None:
+    restore.check_contiguous(["b.000009", "b.000010", "b.000011"])
+    with pytest.raises(backup.BackupError, match=r"between b\.000009 and b\.000011 are missing"):
+        restore.check_contiguous(["b.000009", "b.000011"])
+
+
+def test_restore_never_targets_the_live_mariadb_port() -> None:
+    from payctl import dbbackup
+
+    plan = make_plan(load_inventory("lab-1node"), load_phase(4))
+    m = _m("20261125T100000Z", 1)
+    m = backup.Manifest(**{**m.__dict__, "source_node": "node1"})
+    with pytest.raises(backup.BackupError, match="port 3306 is the live MariaDB's") as exc:
+        dbbackup.restore_target(plan, m, None, 3306, None, "pw", lab=True)  # type: ignore[arg-type]
+    assert "--port" in exc.value.hint
+    t = dbbackup.restore_target(plan, m, None, 3307, None, "pw", lab=True)  # type: ignore[arg-type]
+    assert (t.name, t.address, t.port, t.run_as) == ("node1", "10.77.0.11", 3307, "root")
+    assert t.workdir == f"{plan.node('node1').prefix}/restore/20261125T100000Z"
+    assert t.payapp.endswith("/current/bin/payapp") and t.db_url == "mysql://app:pw@10.77.0.11:3307/payments"

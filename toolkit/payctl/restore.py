@@ -125,6 +125,16 @@ def binlog_order(names: Sequence[str]) -> list[str]:
     return sorted(dict.fromkeys(names), key=lambda n: (int(n.rsplit(".", 1)[-1]) if n[-6:].isdigit() else 0, n))
 
 
+def check_contiguous(names: Sequence[str]) -> None:
+    """Binlog files numbered without a gap: a missing file would silently skip the transactions it held."""
+    nums = [int(n.rsplit(".", 1)[-1]) for n in names]
+    for (a, na), (b, nb) in zip(zip(nums, names, strict=True), zip(nums[1:], names[1:], strict=True), strict=False):
+        if b != a + 1:
+            raise BackupError(f"binlog files between {na} and {nb} are missing: the replay would skip transactions",
+                              hint="the source purged them (binlog_expire_logs_seconds) or they were not copied; "
+                              "restore to a point before the gap, or from a newer backup")  # fmt: skip
+
+
 def _run(t: Target, command: str, what: str, hint: str = "") -> str:
     ok, out, err = t.io.run(command)
     if not ok:
@@ -202,6 +212,7 @@ def restore(manifest: Manifest, directory: Path, extra_binlogs: Sequence[Path], 
     _start(target)
     t = lap("start", t)
     names = binlog_order([*manifest.binlogs, *(p.name for p in extra_binlogs)])
+    check_contiguous(names)
     sql = f"{w}/replay.sql"
     until_text = stop_datetime(until) + " UTC" if until else "the end of the binlogs"
     note(f"replay {len(names)} binlog files from GTID {manifest.gtid} to {until_text}")
