@@ -37,6 +37,9 @@ _GROUPS: dict[str, tuple[str, ...]] = {
     "status": ("status", "logs", "down"),
     "scale": ("scale",),
     "failover": ("failover",),
+    "backup": ("backup", "restore"),
+    "upgrade": ("upgrade", "rollback"),
+    "drill": ("drill",),
 }
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
