@@ -115,3 +115,16 @@ def test_the_loop_reports_its_own_cgroup_from_inside_a_lab_namespace(node: Node,
         _stop(loop)
     assert "cgroup v1" in (tmp_path / "loop.log").read_text()
     assert not list((tmp_path / "cgroup").glob("*/cgroup.procs"))  # the mounts lived in the loop's namespace only
+
+
+def test_status_keeps_prometheus_cgroup_figures_and_fills_only_the_missing() -> None:
+    from payctl.monitoring import LiveFigures, lab_cgroups_missing, with_lab_cgroups
+
+    figures = LiveFigures({"node1": {"cpu": 41.0, "memory": 900.0, "rps": 3.0}, "node2": {"rps": 1.0}}, (), "prom")
+    assert lab_cgroups_missing(figures, ["node1", "node2"]) == ["node2"]
+    out = with_lab_cgroups(figures, {"node2": {"cpu": 120.0, "memory": 700.0}})
+    assert out.node("node1") == {"cpu": 41.0, "memory": 900.0, "rps": 3.0}  # Prometheus's cgroup figures stay
+    assert out.node("node2") == {"rps": 1.0, "cpu": 120.0, "memory": 700.0}
+    assert any("node2.cpu, node2.memory read from the host's cgroup by payctl" in n for n in out.notes)
+    quiet = with_lab_cgroups(figures, {})
+    assert len(quiet.notes) == 1 and "textfile collector" in quiet.notes[0]
