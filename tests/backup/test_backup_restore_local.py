@@ -148,7 +148,8 @@ def test_backup_under_writes_then_restore_to_a_point_between_two_payments(server
         assert ids == [pid for pid, _ in before]  # exactly the payments committed before the restore point
         assert r.payments == len(before) and r.last_payment_id == before[-1][0]
         assert r.ledger_balanced and r.total_debit == 1000 * len(before) * 1
-        assert r.reconciled is True and r.reconcile and "balanced=true" in r.reconcile[0]
+        assert r.reconciled is True and r.reconcile and "balanced=true" in r.reconcile[-1]
+        assert f"debit={1000 * len(before)} credit={1000 * len(before)} payments={len(before)} " in r.reconcile[-1]
         assert r.transactions > 0 and r.last_gtid
         # the same place is busy now: a clear refusal, nothing touched
         with pytest.raises(backup.BackupError, match="already runs there"):

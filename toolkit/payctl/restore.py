@@ -260,7 +260,10 @@ def _report(t: Target, r: RestoreResult) -> None:
 def _reconcile(t: Target, r: RestoreResult, first: date, last: date) -> None:
     q = shlex.quote
     env = f"{t.workdir}/reconcile.env"
-    t.io.put_private(env, f"PAYAPP_DB_URL={t.db_url}\nPAYAPP_RECONCILE_TZ={t.reconcile_tz}\n")
+    # Settle lag 0: the restored data ends at the restore point, nothing is in flight after it; the app's default lag
+    # (60 s of real time) would leave a restore of the last minute unjudged.
+    t.io.put_private(env, f"PAYAPP_DB_URL={t.db_url}\nPAYAPP_RECONCILE_TZ={t.reconcile_tz}\n"
+                          "PAYAPP_RECONCILE_SETTLE_LAG_S=0\n")
     ok, out, err = t.io.run(f"{q(t.payapp)} reconcile --env-file {q(env)} --from {first.isoformat()} "
                             f"--to {last.isoformat()}")  # fmt: skip
     lines = [ln for ln in out.splitlines() if REPORT_LINE.match(ln)]
