@@ -448,7 +448,10 @@ def _locked(plan: DrillPlan, report_dir: Path, run: CommandRunner, on_step: Call
 
 
 def _payapp(node: Node) -> tuple[str, str]:
-    return f"{node.prefix}/venv/bin", f"{node.prefix}/app.env"
+    """The node's payapp bin directory (``current/bin`` of payctl.releases, else the older ``venv/bin``) and env file;
+    lab hosts share this machine's filesystem, so the check is local."""
+    current = Path(node.prefix) / "current" / "bin"
+    return str(current if current.is_dir() else Path(node.prefix) / "venv" / "bin"), f"{node.prefix}/app.env"
 
 
 def facts_from(node: Node, runner: CommandRunner, merchant_prefix: str) -> DbFacts:
