@@ -299,3 +299,32 @@ def test_cli_names_scenarios_that_are_not_built(capsys: pytest.CaptureFixture[st
     assert "error: drill disk-full: a small filesystem for the DB or broker in the lab: not built" in (
         capsys.readouterr().err
     )
+
+
+class LabRunner(FakeRunner):
+    """The lab's namespaces are up; node2 runs no relay (phase 5 runs one relay per deployment)."""
+
+    def __call__(self, argv: Sequence[str], timeout: float) -> CommandResult:
+        argv = list(argv)
+        if argv[:3] == ["ip", "netns", "list"]:
+            self.calls.append(argv)
+            return CommandResult(0, "pl-lab-witness (id: 2)\npl-lab-node2 (id: 1)\npl-lab-node1 (id: 0)\n", "")
+        if "status" in argv and "supervisorctl" in argv:
+            self.calls.append(argv)
+            on_node2 = "pl-lab-node2" in argv
+            return CommandResult(0, "payctl-app RUNNING pid 5, uptime 1:00:00\n" if on_node2 else STATUS, "")
+        return super().__call__(argv, timeout)
+
+
+def test_the_plan_picks_the_node_that_runs_the_program_and_a_non_lb_node_to_cut() -> None:
+    inv = load_inventory("lab-2node")
+    plan = drill.plan_drill(inv, drill.DrillSpec("kill-relay"), LabRunner())
+    assert (plan.fault_node.name, plan.app_node.name, plan.target.url) == ("node1", "node1", "http://10.77.0.11")
+    plan = drill.plan_drill(inv, drill.DrillSpec("partition", fault_s=5), LabRunner())
+    assert (plan.fault_node.name, plan.fault_node.veth) == ("node2", "vpl-lab-node2")
+    assert plan.describe().endswith("after 8s: cut vpl-lab-node2 (node2) for 5s; then recovery (<= 60s) and the audit")
+    assert drill.plan_drill(inv, drill.DrillSpec("kill-app", node="node2"), LabRunner()).fault_node.name == "node2"
+    with pytest.raises(ConfigError, match="--node: no node 'node9' in the inventory"):
+        drill.plan_drill(inv, drill.DrillSpec("kill-app", node="node9"), LabRunner())
+    one = drill.plan_drill(load_inventory("lab-1node"), drill.DrillSpec("partition"), LabRunner())
+    assert one.fault_node.name == "node1"  # one node: the cut is on the client side of the LB

@@ -1,4 +1,4 @@
-"""`payctl drill -i INV SCENARIO [--rps R] [--duration D] [--report-dir DIR] [--yes]`: a fault drill under load.
+"""`payctl drill -i INV SCENARIO [--rps R] [--duration D] [--report-dir DIR] [--dry-run] [--yes]`: a fault drill.
 
 Shows what it will do, asks (or exits 2 without a terminal and --yes), runs the load, the fault, the recovery and the
 audit (``payctl.drill``), prints the results table and writes it (results.json, results.md, the k6 log) into the
@@ -36,6 +36,7 @@ def drill_cmd(
     recover_bound: str = typer.Option("60s", "--recover-bound", help="The fault's start to recovered, at most."),
     node: str = typer.Option(None, "--node", help="The node to fault (default: where the program runs)."),
     report_dir: Annotated[Path | None, typer.Option("--report-dir", help="Instead of reports/<...>-drill-X/.")] = None,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what the drill would do; do nothing."),
     yes: bool = typer.Option(False, "--yes", help="Do not ask before faulting the deployment."),
 ) -> None:
     """Run one fault drill on a lab deployment under constant payment load, then audit every payment.
@@ -58,6 +59,9 @@ def drill_cmd(
     inv = load_inventory(inventory)
     plan = drill.plan_drill(inv, spec)
     out.print(plan.describe(), markup=False)
+    if dry_run:
+        out.print("dry run: nothing done", markup=False)
+        return
     if not yes:
         if not sys.stdin.isatty():
             raise ConfigError("payctl drill faults the deployment and asks first, but stdin is not a terminal",
