@@ -84,7 +84,7 @@ def test_reconcile_days_are_business_days_in_the_app_time_zone() -> None:
 
 def test_node_script_uses_the_option_file_and_never_a_password_on_a_command_line() -> None:
     text = backup.node_script(backup.NodeLayout("/p/mariadb/backup.cnf", "/p/run/backup.lock", "/p/venv/bin/python"))
-    assert "mariabackup --defaults-file=/p/mariadb/backup.cnf --backup --slave-info" in text
+    assert "mariadb-backup --defaults-file=/p/mariadb/backup.cnf --backup --slave-info" in text
     assert "flock -n 9" in text and f"exit {backup.EXIT_BUSY}" in text
     assert "password" not in text and not re.search(r"\s-p\S", text)
 
@@ -135,6 +135,8 @@ def test_rendered_backup_files_pass_their_validators() -> None:
     files = {k: f for k, f in render(_native_vm_plan()).items() if "backup" in k}
     files |= {k: f for k, f in render(make_plan(load_inventory("lab-1node"), load_phase(4))).items()
               if "backup" in k or k.endswith("supervisord.conf")}  # fmt: skip
+    compose = render(make_plan(load_inventory("ktcloud-1node"), load_phase(1)))
+    files |= compose  # the compose file reads the node's env files: check the whole node
     results = validate_files(files)
     assert [r.key for r in results if not r.ok] == [], [r.detail for r in results if not r.ok]
     assert any(r.key.endswith("payctl-backup.timer") and "systemd" in r.validator for r in results)
@@ -204,3 +206,18 @@ def test_restore_never_targets_the_live_mariadb_port() -> None:
     assert (t.name, t.address, t.port, t.run_as) == ("node1", "10.77.0.11", 3307, "root")
     assert t.workdir == f"{plan.node('node1').prefix}/restore/20261125T100000Z"
     assert t.payapp.endswith("/current/bin/payapp") and t.db_url == "mysql://app:pw@10.77.0.11:3307/payments"
+
+
+def test_compose_backs_up_inside_the_mariadb_container_and_payctl_backup_says_so(tmp_path: Path) -> None:
+    from payctl import dbbackup
+
+    files = render(make_plan(load_inventory("ktcloud-1node"), load_phase(1)))
+    service = files["node1/mariadb/payctl-backup.service"].text
+    assert "exec -T mariadb /bin/bash /etc/payctl/backup/backup-daily.sh once" in service
+    compose = files["node1/docker-compose.yml"].text
+    assert '"./mariadb/backup.cnf:/etc/payctl/backup/backup.cnf:ro"' in compose
+    assert '"./backups:/var/backups/payctl"' in compose
+    assert "socket=/run/mysqld/mysqld.sock" in files["node1/mariadb/backup.cnf"].text
+    with pytest.raises(backup.BackupError, match="runs on compose") as exc:
+        dbbackup.run_backup(dbbackup.BackupRequest(load_inventory("ktcloud-1node"), tmp_path), None)  # type: ignore[arg-type]
+    assert "payctl-backup.timer" in exc.value.hint

@@ -21,14 +21,14 @@ INVENTORIES = sorted(p.stem for p in (REPO / "inventories").glob("*.yml"))
 def test_render_lists_files(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["render", "-i", "inventories/ktcloud-1node.yml", "--phase", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "render: deployment ktcloud-pay, phase 1, runtime compose: 10 files on 1 node(s)"
+    assert out.splitlines()[0] == "render: deployment ktcloud-pay, phase 1, runtime compose: 15 files on 1 node(s)"
     assert "node1/docker-compose.yml" in out and "node1/mariadb/my.cnf" in out
 
 
 def test_check_passes_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["render", "-i", "ktcloud-2node", "--phase", "5", "--check"]) == 0
     out = capsys.readouterr().out
-    assert "40 of 40 files passed in" in out
+    assert "50 of 50 files passed in" in out
     assert "FAIL" not in out
 
 

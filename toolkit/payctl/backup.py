@@ -262,7 +262,7 @@ exec 9>>{q(layout.lock)}
 flock -n 9 || {{ echo "another backup is running on this node ({layout.lock})" >&2; exit {EXIT_BUSY}; }}
 mkdir -p "$OUT"
 started=$(date -u +%Y-%m-%dT%H:%M:%S+00:00)
-if ! mariabackup --defaults-file={q(layout.cnf)} --backup --slave-info --target-dir="$OUT/base" \\
+if ! mariadb-backup --defaults-file={q(layout.cnf)} --backup --slave-info --target-dir="$OUT/base" \\
     > "$OUT/mariabackup.log" 2>&1; then
   tail -n 15 "$OUT/mariabackup.log" >&2; exit 1
 fi
@@ -526,17 +526,18 @@ esac
 """
 
 
-def systemd_units(daily_path: str, at_utc: str = SCHEDULE_UTC) -> tuple[str, str]:
-    """(service, timer) for VMs: a oneshot service running the daily script, and its daily timer (UTC)."""
+def systemd_units(exec_start: str, after: str, at_utc: str = SCHEDULE_UTC) -> tuple[str, str]:
+    """(service, timer) for VMs: a oneshot service running ``exec_start`` (the daily script, directly or inside the
+    MariaDB container), and its daily timer (UTC). ``after``: the unit MariaDB runs in."""
     service = f"""# payctl: the daily MariaDB backup (oneshot; started by payctl-backup.timer).
 [Unit]
 Description=payctl daily MariaDB backup
-After=payctl-mariadb.service
-Requires=payctl-mariadb.service
+After={after}
+Requires={after}
 
 [Service]
 Type=oneshot
-ExecStart=/bin/bash {daily_path} once
+ExecStart={exec_start}
 Nice=10
 IOSchedulingClass=idle
 """

@@ -53,6 +53,13 @@ def backups_dir(home: Path, deployment: str, to: Path | None = None) -> Path:
     return to if to is not None else home / deployment / "backups"
 
 
+def _native_only(inv: Inventory) -> None:
+    if inv.runtime != "native":
+        raise BackupError(f"payctl backup/restore drive native deployments; {inv.deployment} runs on {inv.runtime}",
+                          hint="its DB node backs up daily into <prefix>/backups by payctl-backup.timer (runs "
+                          "backup-daily.sh in the MariaDB container); copy those off (docs/operations.md)")  # fmt: skip
+
+
 def _plan(inv: Inventory, home: Path) -> tuple[Plan, dict[str, bool | None]]:
     """The deployed phase's plan with the live roles, and each DB node's read_only (None: no server answers)."""
     db_nodes = [n.name for n in inv.nodes if "mariadb" in n.roles]
@@ -96,6 +103,7 @@ class BackupRequest:
 def run_backup(req: BackupRequest, hooks: Progress) -> backup.BackupResult:
     """One backup of the deployment, copied off its source node into the backups directory, retention applied."""
     inv = req.inventory
+    _native_only(inv)
     hooks.step(None, "live roles")
     plan, read_only = _plan(inv, req.home)
     secrets = load_or_create(req.home, inv.deployment, allow_create=False)
@@ -148,6 +156,7 @@ def pick_node(inv: Inventory, manifest: Manifest, node: str | None) -> str:
 def run_restore(req: RestoreRequest, hooks: Progress) -> restore.RestoreResult:
     """Verify the backup, gather the binlogs since it, restore into a scratch instance and report."""
     inv = req.inventory
+    _native_only(inv)
     directory = backups_dir(req.home, inv.deployment, req.source)
     manifest = backup.load(directory, req.backup_id)
     hooks.step(None, f"verify backup {manifest.id} ({len(manifest.files)} files, sha256)")

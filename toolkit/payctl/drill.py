@@ -28,7 +28,8 @@ from typing import Literal
 
 from payctl import audit, lab, lock
 from payctl.drillaudit import Audit, DbFacts, Timeline, facts_argv, judge, parse_log, timeline
-from payctl.drillfaults import Fault, Node, inject, snapshot
+from payctl.drilldb import DbFailover, primary_address, promote, reattach
+from payctl.drillfaults import Fault, Node, inject, snapshot, supervisorctl
 from payctl.errors import ConfigError, PayctlError, TargetUnreachable
 from payctl.gate import Target, check_target, k6_duration, lb_url
 from payctl.hosts import is_lab
@@ -36,7 +37,7 @@ from payctl.inventory import Inventory
 from payctl.loadrun import find_k6, free_port
 from payctl.serverchecks import CommandResult, CommandRunner, ReconciliationBalanced, local_runner
 
-Action = Literal["kill-worker", "kill", "restart-all", "partition"]
+Action = Literal["kill-worker", "kill", "restart-all", "partition", "failover"]
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,16 @@ SCENARIOS: dict[str, ScenarioDef] = {
         ScenarioDef("kill-redis", "kill -9 Redis (the rate limiter falls back, then recovers)", "kill", "payctl-redis"),
         ScenarioDef("restart-node", "restart every program of the node through its supervisord", "restart-all"),
         ScenarioDef("partition", "cut the node's veth for --fault-duration seconds", "partition"),
+        ScenarioDef(
+            "kill-db-primary",
+            "kill -9 the MariaDB primary, keep it down, promote the replica (failover db --force), then re-attach "
+            "the old primary as a replica",
+            "failover",
+            "payctl-mariadb",
+        ),
     )
 }
 NOT_BUILT = {
-    "kill-db-primary": "needs the 2-node lab (promotion through payctl.failover); not built yet",
     "disk-full": "a small filesystem for the DB or broker in the lab: not built (see docs/reliability.md)",
 }
 
@@ -107,6 +114,7 @@ class DrillPlan:
     nodes: tuple[Node, ...]
     fault_node: Node
     app_node: Node  # where the audit and reconciliation run (its venv and env file)
+    db: DbFailover | None = None  # kill-db-primary: who is killed, who is promoted
 
     def describe(self) -> str:
         d = self.spec.definition
@@ -120,8 +128,16 @@ class DrillPlan:
         )
 
 
-def plan_drill(inv: Inventory, spec: DrillSpec, runner: CommandRunner | None = None) -> DrillPlan:
-    """Check that ``inv`` is a lab deployment on this machine and pick the nodes; contacts nothing but ``ip``."""
+def plan_drill(
+    inv: Inventory,
+    spec: DrillSpec,
+    runner: CommandRunner | None = None,
+    *,
+    home: Path | None = None,
+    inventory_path: Path | None = None,
+) -> DrillPlan:
+    """Check that ``inv`` is a lab deployment on this machine and pick the nodes; contacts nothing but ``ip`` and the
+    nodes' supervisord. ``home`` and ``inventory_path`` are what ``kill-db-primary``'s promotion needs."""
     if not is_lab(inv):
         raise ConfigError(
             f"refusing to drill '{inv.deployment}': drills only run on lab deployments (10.77.0.0/24 lab hosts)",
@@ -149,10 +165,32 @@ def plan_drill(inv: Inventory, spec: DrillSpec, runner: CommandRunner | None = N
         lb = {n.name for n in inv.with_role("lb")}
         # Cut a node the LB does not live on when there is one; on one node that cuts the client side.
         fault = next((n for n in nodes if n.name not in lb), nodes[0])
+    elif d.action == "failover":
+        fault = app  # chosen below: the primary
     else:
         fault = _node_running(nodes, d.program, run) if d.program else app
+    db = None
+    if d.action == "failover":
+        db_nodes = [n.name for n in inv.nodes if "mariadb" in n.roles]
+        if len(db_nodes) < 2 or home is None or inventory_path is None:
+            raise ConfigError(
+                f"drill kill-db-primary needs a MariaDB replica to promote ('{inv.deployment}' has "
+                f"{len(db_nodes)} MariaDB node(s))",
+                hint="a 2-node lab: lab-2node at phase 5",
+            )
+        try:
+            primary = primary_address((Path(app.prefix) / "app.env").read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {app.prefix}/app.env: {exc.strerror}", hint="deploy first") from None
+        old = next((n for n in nodes if n.address == primary and n.name in db_nodes), None)
+        if old is None:
+            raise ConfigError(f"the app writes to {primary}, which is no MariaDB node of the inventory",
+                              hint="payctl status -i INV shows the roles")  # fmt: skip
+        fault = by_name[spec.node] if spec.node is not None else old
+        new = next(n for n in db_nodes if n != fault.name)
+        db = DbFailover(inv, inventory_path, home, fault.name, new)
     target = check_target(lb_url(inv), inv)
-    return DrillPlan(inv.deployment, spec, target, nodes, fault, app)
+    return DrillPlan(inv.deployment, spec, target, nodes, fault, app, db)
 
 
 def _node_running(nodes: Sequence[Node], program: str, runner: CommandRunner) -> Node:
@@ -408,8 +446,14 @@ def _locked(plan: DrillPlan, report_dir: Path, run: CommandRunner, on_step: Call
             raise TargetUnreachable(f"k6 stopped during the warm-up (exit {proc.returncode})",
                                     hint=f"see {report_dir / 'k6.stderr'}")  # fmt: skip
         on_step(f"fault: {spec.definition.summary} on {plan.fault_node.name}")
-        fault = inject(spec.definition.action, spec.definition.program, plan.fault_node, run, spec.fault_s)
+        db = plan.db
+        fault = inject(spec.definition.action, spec.definition.program, plan.fault_node, run, spec.fault_s,
+                       promote=(lambda: promote(db)) if db is not None else None)  # fmt: skip
         on_step(f"fault done ({fault.detail}); waiting for recovery")
+        if db is not None:
+            on_step(f"start {db.old}'s MariaDB again and re-attach it as a replica of {db.new}")
+            run(supervisorctl(plan.fault_node, "start", spec.definition.program), 130)
+            reattach(db)
         # Services: poll until every program is back, as long as the load runs (and the bound allows).
         while proc.poll() is None and time.time() - fault.start < spec.recover_bound_s:
             if _healthy(plan, run, fault):

@@ -262,9 +262,8 @@ def _mariadb_context(plan: Plan, node: NodePlan, secret: SecretFn) -> dict[str, 
     for host in app_hosts:
         users.append(_user("app", host, secret("mariadb_app"), dml))
         users.append(_user("migrate", host, secret("mariadb_migrate"), ddl))
-    if plan.runtime == "native":
-        # mariabackup on every DB node, over the local socket only (payctl.backup: what mariabackup 10.11 checks for).
-        users.append(_user(BACKUP_USER, "localhost", secret("mariadb_backup"), (BACKUP_GRANTS, "*.*")))
+    # mariabackup on every DB node, over the local socket only (payctl.backup: what mariabackup 10.11 checks for).
+    users.append(_user(BACKUP_USER, "localhost", secret("mariadb_backup"), (BACKUP_GRANTS, "*.*")))
     for host in db_hosts:
         users.append(_user("exporter", host, secret("mariadb_exporter"),
                            ("PROCESS, REPLICATION CLIENT, SLAVE MONITOR", "*.*"),
@@ -583,7 +582,10 @@ def _compose_services(plan: Plan, node: NodePlan) -> tuple[list[dict[str, Any]],
     volumes: list[str] = []
     db_deps: list[tuple[str, str]] = []
     if "mariadb" in comps and node.mariadb is not None:
-        vols = ["./mariadb/my.cnf:/etc/mysql/conf.d/zz-payctl.cnf:ro", "mariadb-data:/var/lib/mysql"]
+        cb = COMPOSE_BACKUP
+        vols = ["./mariadb/my.cnf:/etc/mysql/conf.d/zz-payctl.cnf:ro", "mariadb-data:/var/lib/mysql",
+                f"./mariadb/backup.cnf:{cb['cnf']}:ro", f"./mariadb/backup.sh:{cb['script']}:ro",
+                f"./mariadb/backup-daily.sh:{cb['daily']}:ro", f"./backups:{cb['backups']}"]  # fmt: skip
         if node.mariadb.role == "primary":
             vols.append("./mariadb/users.sql:/docker-entrypoint-initdb.d/10-users.sql:ro")
         services.append(_service(node, "mariadb", "mariadb", IMAGES["mariadb"], env_file=["mariadb/mariadb.env"],
@@ -767,8 +769,7 @@ def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Secr
                                       mode=0o600, description="mysqld exporter credentials",
                                       expect={"user": "exporter", "host": node.private_address, "port": port}))
 
-        if plan.runtime == "native":
-            files += _backup_files(node, lab, secret)
+        files += _backup_files(plan, node, lab, secret)
         if plan.runtime == "compose":
             files.append(RenderedFile(node.name, "mariadb/mariadb.env", FileKind.ENV_FILE,
                                       _env_text([("MARIADB_ROOT_PASSWORD", secret("mariadb_root")),
@@ -829,7 +830,7 @@ def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Secr
         services, volumes = _compose_services(plan, node)
         project = {"project": f"payctl-{plan.deployment}", "services": services, "volumes": volumes,
                    "log_max_size": "50m", "log_max_files": "3"}  # fmt: skip
-        needs = ("payapp",) if node.app is not None else ()
+        needs = (*(("payapp",) if node.app is not None else ()), *(("backups",) if node.mariadb is not None else ()))
         add("compose/docker-compose.yml.j2", "docker-compose.yml", FileKind.COMPOSE, "Docker Compose project",
             context={"compose": project}, runtime_dirs=needs)
         if node.app is not None:
@@ -845,6 +846,14 @@ def node_files(plan: Plan, node: NodePlan, env: jinja2.Environment, secret: Secr
                 add("systemd/unit.service.j2", f"systemd/{p['name']}.service", FileKind.SYSTEMD_UNIT,
                     f"systemd unit {p['name']}", context={"program": p}, deploy_paths=(f"{prefix}/",))
     return files
+
+
+#: Inside the MariaDB container of a compose deployment: the mounted backup files and the backups volume.
+COMPOSE_BACKUP: Mapping[str, str] = MappingProxyType({
+    "cnf": "/etc/payctl/backup/backup.cnf", "script": "/etc/payctl/backup/backup.sh",
+    "daily": "/etc/payctl/backup/backup-daily.sh", "backups": "/var/backups/payctl",
+    "lock": "/var/backups/payctl/.backup.lock", "socket": "/run/mysqld/mysqld.sock", "datadir": "/var/lib/mysql",
+})  # fmt: skip
 
 
 def payapp_bin(prefix: str) -> str:
@@ -864,29 +873,41 @@ def backup_retention(node: NodePlan) -> backup.Retention:
     return backup.retention_for(gb)
 
 
-def _backup_files(node: NodePlan, lab: bool, secret: SecretFn) -> list[RenderedFile]:
-    """The backup account's option file, the backup script and the daily schedule (payctl.backup)."""
+def _backup_files(plan: Plan, node: NodePlan, lab: bool, secret: SecretFn) -> list[RenderedFile]:
+    """The backup account's option file, the backup script and the daily schedule (payctl.backup). Compose: the
+    same files mounted into the MariaDB container (``COMPOSE_BACKUP``), backups in ``<prefix>/backups``."""
     p = node.prefix
-    sock = _native_paths(p)["mariadb_socket"]
+    native = plan.runtime == "native"
+    c = COMPOSE_BACKUP
+    sock, data = ((_native_paths(p)["mariadb_socket"], _native_paths(p)["mariadb_data"]) if native else
+                  (c["socket"], c["datadir"]))  # fmt: skip
     auth = f"user={BACKUP_USER}\npassword={secret('mariadb_backup')}\nsocket={sock}\n"
-    layout = backup_layout(node)
-    daily = f"{p}/mariadb/backup-daily.sh"
+    layout = backup_layout(node) if native else backup.NodeLayout(c["cnf"], c["lock"])
+    script = f"{p}/mariadb/backup.sh" if native else c["script"]
+    daily = f"{p}/mariadb/backup-daily.sh" if native else c["daily"]
     out = [
         RenderedFile(node.name, "mariadb/backup.cnf", FileKind.MARIADB_CLIENT_CNF,
-                     f"[client]\n{auth}[mariabackup]\n{auth}datadir={_native_paths(p)['mariadb_data']}\n",
+                     f"[client]\n{auth}[mariabackup]\n{auth}datadir={data}\n",
                      mode=0o600, description="backup account (mariabackup, socket only)",
                      expect={"user": BACKUP_USER, "socket": sock}),
         RenderedFile(node.name, "mariadb/backup.sh", FileKind.TEXT, backup.node_script(layout), mode=0o700,
                      description="one online backup: mariabackup + binlogs + sha256 (payctl backup runs it too)"),
         RenderedFile(node.name, "mariadb/backup-daily.sh", FileKind.TEXT,
-                     backup.daily_script(f"{p}/mariadb/backup.sh", f"{p}/backups", backup_retention(node)),
+                     backup.daily_script(script, f"{p}/backups" if native else c["backups"], backup_retention(node)),
                      mode=0o700, description=f"daily backup at {backup.SCHEDULE_UTC} UTC with retention"),
     ]  # fmt: skip
     if not lab:
-        service, timer = backup.systemd_units(daily)
+        if native:
+            start, after = f"/bin/bash {daily} once", "payctl-mariadb.service"
+        else:
+            start = (f"/usr/bin/docker compose -p payctl-{plan.deployment} -f {p}/docker-compose.yml exec -T mariadb "
+                     f"/bin/bash {daily} once")  # fmt: skip
+            after = "docker.service"
+        service, timer = backup.systemd_units(start, after)
         out += [
             RenderedFile(node.name, "mariadb/payctl-backup.service", FileKind.SYSTEMD_UNIT, service,
-                         description="daily backup (oneshot)", deploy_paths=(f"{p}/",)),
+                         description="daily backup (oneshot)",
+                         deploy_paths=(f"{p}/",) if native else ("/usr/bin/docker",)),  # compose: apt docker-ce
             RenderedFile(node.name, "mariadb/payctl-backup.timer", FileKind.SYSTEMD_UNIT, timer,
                          description=f"daily backup timer ({backup.SCHEDULE_UTC} UTC)"),
         ]  # fmt: skip

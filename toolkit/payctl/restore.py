@@ -203,7 +203,7 @@ def restore(manifest: Manifest, directory: Path, extra_binlogs: Sequence[Path], 
     t = lap("ship", t)
     note("unpack and mariabackup --prepare")
     _run(target, f"tar -C {q(w)} -xzf {q(w + '/' + BASE)} && mv {q(w)}/base {q(w)}/data && "
-                 f"mariabackup --prepare --target-dir={q(w)}/data > {q(w)}/logs/prepare.log 2>&1 || "
+                 f"mariadb-backup --prepare --target-dir={q(w)}/data > {q(w)}/logs/prepare.log 2>&1 || "
                  f"{{ tail -n 15 {q(w)}/logs/prepare.log >&2; exit 1; }}", "mariabackup --prepare")  # fmt: skip
     if target.run_as != "root":
         _run(target, f"chown -R {q(target.run_as)}: {q(w)}/data {q(w)}/run {q(w)}/logs", "chown")

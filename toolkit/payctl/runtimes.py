@@ -644,6 +644,7 @@ def build_compose(ctx: BuildContext, marker_text: str) -> NodeWork:
                     add_deploy_dir=False)  # fmt: skip
     _compose_jmx_agent(ops, ctx, p)
     _marker(ops, ctx, marker_text)
+    _backup_timer(ops, ctx)
     if changed or not ctx.facts.live:
         ops.shell(
             "docker compose up -d --wait (recreates only changed services)",

@@ -7,7 +7,7 @@ exec 9>>/var/lib/payctl-lab/node1/run/backup.lock
 flock -n 9 || { echo "another backup is running on this node (/var/lib/payctl-lab/node1/run/backup.lock)" >&2; exit 75; }
 mkdir -p "$OUT"
 started=$(date -u +%Y-%m-%dT%H:%M:%S+00:00)
-if ! mariabackup --defaults-file=/var/lib/payctl-lab/node1/mariadb/backup.cnf --backup --slave-info --target-dir="$OUT/base" \
+if ! mariadb-backup --defaults-file=/var/lib/payctl-lab/node1/mariadb/backup.cnf --backup --slave-info --target-dir="$OUT/base" \
     > "$OUT/mariabackup.log" 2>&1; then
   tail -n 15 "$OUT/mariabackup.log" >&2; exit 1
 fi
