@@ -19,7 +19,8 @@ from pathlib import Path
 from payctl import drill
 from payctl.errors import PayctlError
 from payctl.gate import parse_duration
-from payctl.inventory import load_inventory
+from payctl.inventory import load_inventory, resolve_inventory_path
+from payctl.paths import payctl_home
 
 DEFAULT = ("kill-app", "kill-app-all", "kill-relay", "kill-consumer", "kill-broker", "kill-redis", "partition",
            "restart-node")  # fmt: skip
@@ -47,7 +48,8 @@ def main() -> int:
             fault_s=parse_duration(args.fault_duration),
         )
         try:
-            plan = drill.plan_drill(inv, spec)
+            plan = drill.plan_drill(inv, spec, home=payctl_home().absolute(),
+                                    inventory_path=resolve_inventory_path(args.inventory))  # fmt: skip
             started = time.monotonic()
             result = drill.run_drill(plan, out / name, command=f"bench drills {name}")
         except PayctlError as exc:

@@ -328,3 +328,34 @@ def test_the_plan_picks_the_node_that_runs_the_program_and_a_non_lb_node_to_cut(
         drill.plan_drill(inv, drill.DrillSpec("kill-app", node="node9"), LabRunner())
     one = drill.plan_drill(load_inventory("lab-1node"), drill.DrillSpec("partition"), LabRunner())
     assert one.fault_node.name == "node1"  # one node: the cut is on the client side of the LB
+
+
+def test_the_primary_is_where_the_app_writes() -> None:
+    from payctl.drilldb import primary_address
+
+    env = "# payctl\nPAYAPP_DB_URL=mysql://app:s3cr%40t@10.77.0.12:3306/payments\nPAYAPP_HOST=10.77.0.11\n"
+    assert primary_address(env) == "10.77.0.12"
+    with pytest.raises(ConfigError, match="names no PAYAPP_DB_URL host"):
+        primary_address("PAYAPP_HOST=10.77.0.11\n")
+
+
+def test_kill_db_primary_kills_keeps_it_down_then_promotes() -> None:
+    status = "payctl-mariadb                   RUNNING   pid 700, uptime 0:10:00\n"
+    r = FakeRunner(status)
+    order: list[str] = []
+
+    def promote() -> str:
+        order.append(" ".join(r.calls[-1]))
+        return "node2 promoted"
+
+    f = inject("failover", "payctl-mariadb", NODE, r, 5, promote=promote)
+    assert r.calls[1] == ["kill", "-9", "700"]
+    assert r.calls[2][-2:] == ["stop", "payctl-mariadb"]  # supervisord must not start it again
+    assert order == [" ".join(r.calls[2])]  # the promotion comes after both
+    assert f.killed == {"payctl-mariadb": (700,)} and f.detail == "killed payctl-mariadb pid 700; node2 promoted"
+
+
+def test_kill_db_primary_needs_a_replica() -> None:
+    with pytest.raises(ConfigError, match="needs a MariaDB replica to promote \\('lab' has 1 MariaDB node\\(s\\)\\)"):
+        drill.plan_drill(load_inventory("lab-1node"), drill.DrillSpec("kill-db-primary"), LabRunner(),
+                         home=Path("/nonexistent"), inventory_path=Path("lab-1node.yml"))  # fmt: skip

@@ -4,6 +4,7 @@
   master started: ``pgrep -P``), never a process found by name. supervisord (autorestart) starts it again.
 * ``kill-worker``: ``kill -9`` one payapp worker; the payapp master starts a new one.
 * ``restart-all``: ``supervisorctl restart all`` on the node: every program of the lab host stops and starts.
+* ``failover``: ``kill -9`` the primary's MariaDB, keep it stopped, then the caller's promotion (``payctl.drilldb``).
 * ``partition``: ``ip link set <veth> down`` on the root side of the node's veth for ``fault_s`` seconds, then up
   again (also when interrupted). On a one-node lab that cuts the client side: the LB itself is unreachable.
 """
@@ -83,15 +84,27 @@ def _kill(pids: tuple[int, ...], runner: CommandRunner) -> None:
 
 
 def inject(
-    action: Literal["kill-worker", "kill", "restart-all", "partition"],
+    action: Literal["kill-worker", "kill", "restart-all", "partition", "failover"],
     program: str,
     node: Node,
     runner: CommandRunner,
     fault_s: float,
     sleep: Callable[[float], None] = time.sleep,
+    promote: Callable[[], str] | None = None,
 ) -> Fault:
-    """Do the fault now; returns what was done and when (a partition returns once the link is back up)."""
+    """Do the fault now; returns what was done and when (a partition returns once the link is back up, a failover
+    once ``promote`` returned)."""
     pause = sleep
+    if action == "failover":
+        if promote is None:
+            raise FaultError("a failover drill needs the promotion to run")
+        pid = _pid(node, program, runner)
+        start = time.time()
+        _kill((pid,), runner)
+        # Keep it down: supervisord would start it again (autorestart); the replica is promoted instead.
+        runner(supervisorctl(node, "stop", program), 130)
+        done = promote()
+        return Fault(node.name, action, start, time.time(), {program: (pid,)}, f"killed {program} pid {pid}; {done}")
     if action == "kill-worker":
         master = _pid(node, program, runner)
         workers = _children(master, runner)

@@ -57,7 +57,7 @@ def drill_cmd(
         node=node,
     )
     inv = load_inventory(inventory)
-    plan = drill.plan_drill(inv, spec)
+    plan = drill.plan_drill(inv, spec, home=payctl_home().absolute(), inventory_path=resolve_inventory_path(inventory))
     out.print(plan.describe(), markup=False)
     if dry_run:
         out.print("dry run: nothing done", markup=False)
