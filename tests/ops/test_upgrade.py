@@ -8,6 +8,7 @@ import base64
 import hashlib
 import os
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -248,3 +249,57 @@ def test_cli_refusals(argv: list[str], code: int, message: str, tmp_path: Path, 
     err = capsys.readouterr().err
     assert err.startswith(message), err
     assert "hint:" in err
+
+
+# ------------------------------------------------------------------------------------------------ programs
+
+
+def local_node(prefix: Path) -> rolling.NodeShell:
+    """A NodeShell whose shell is /bin/sh on this machine (the seam a node's SSH shell fills)."""
+    node = object.__new__(rolling.NodeShell)
+    node.node, node.prefix, node.lab = "local", str(prefix), True
+
+    def shell(command: str) -> tuple[bool, str, str]:
+        proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60, check=False)
+        return proc.returncode == 0, proc.stdout, proc.stderr
+
+    node.shell = shell
+    return node
+
+
+@pytest.mark.slow
+def test_programs_start_in_parallel_and_errors_are_named(tmp_path: Path) -> None:
+    """A real supervisord: three programs with startsecs=2 start in about 2 s (not 6: that time is out of the LB);
+    stopping stopped programs is fine; a program that cannot start is an error naming it."""
+    for d in ("supervisor", "logs", "run"):
+        (tmp_path / d).mkdir()
+    programs = "".join(f"\n[program:payctl-{n}]\ncommand=sleep 600\nautostart=false\nstartsecs=2\n"
+                       for n in ("app", "relay", "consumer"))  # fmt: skip
+    (tmp_path / "supervisor" / "supervisord.conf").write_text(
+        "[supervisord]\nnodaemon=true\nlogfile=%(here)s/../logs/s.log\npidfile=%(here)s/../run/s.pid\n"
+        "[unix_http_server]\nfile=%(here)s/../run/supervisor.sock\n[rpcinterface:supervisor]\n"
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n"
+        "[supervisorctl]\nserverurl=unix://%(here)s/../run/supervisor.sock\n" + programs
+        + "\n[program:payctl-broken]\ncommand=/nonexistent/payapp\nautostart=false\nstartsecs=1\nstartretries=0\n"
+    )
+    sup = subprocess.Popen(["supervisord", "-c", str(tmp_path / "supervisor" / "supervisord.conf")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(100):
+            if (tmp_path / "run" / "supervisor.sock").exists():
+                break
+            time.sleep(0.1)
+        node = local_node(tmp_path)
+        names = ("payctl-app", "payctl-relay", "payctl-consumer")
+        started = time.monotonic()
+        node.programs("start", names)
+        assert time.monotonic() - started < 4.5
+        status = sh(f"supervisorctl -c {tmp_path}/supervisor/supervisord.conf status || true")
+        assert status.count("RUNNING") == 3, status
+        node.programs("stop", names)
+        node.programs("stop", names)  # already stopped: "not running" is not an error
+        with pytest.raises(DeployError, match="payctl-broken"):
+            node.programs("start", ("payctl-broken",))
+    finally:
+        sup.terminate()
+        sup.wait(30)

@@ -42,8 +42,10 @@ class NodeShell:
             self.run(f"systemctl {verb} {names}", f"systemctl {verb}")
             return
         conf = shlex.quote(f"{self.prefix}/supervisor/supervisord.conf")
+        # One supervisorctl per program, in parallel: `supervisorctl start a b c` waits startsecs for each in turn
+        # (9 s for the three app programs), all of it time the node is out of the load balancer.
         # supervisorctl's exit code is not reliable across versions: read its per-program lines.
-        _, out, err = self.shell(f"supervisorctl -c {conf} {verb} {names}")
+        _, out, err = self.shell(f"for p in {names}; do supervisorctl -c {conf} {verb} \"$p\" & done; wait")
         bad = [ln for ln in out.splitlines() if "ERROR" in ln and not any(ok in ln for ok in _HARMLESS)]
         if bad or not out.strip():
             raise DeployError(f"{self.node}: supervisorctl {verb} failed: {'; '.join(bad) or err.strip()[-400:]}")
