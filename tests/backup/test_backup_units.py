@@ -221,3 +221,26 @@ def test_compose_backs_up_inside_the_mariadb_container_and_payctl_backup_says_so
     with pytest.raises(backup.BackupError, match="runs on compose") as exc:
         dbbackup.run_backup(dbbackup.BackupRequest(load_inventory("ktcloud-1node"), tmp_path), None)  # type: ignore[arg-type]
     assert "payctl-backup.timer" in exc.value.hint
+
+
+def test_a_deployment_made_before_the_backup_account_gets_its_secret_and_keeps_its_fingerprint(tmp_path: Path) -> None:
+    import yaml
+
+    from payctl.deploy import secrets_fingerprint
+    from payctl.errors import PayctlError
+    from payctl.secrets import load_or_create, secrets_path
+
+    s = load_or_create(tmp_path, "lab", allow_create=True)
+    before = secrets_fingerprint(s)
+    path = secrets_path(tmp_path, "lab")
+    doc = yaml.safe_load(path.read_text())
+    del doc["secrets"]["mariadb_backup"]
+    path.write_text(yaml.safe_dump(doc))
+    again = load_or_create(tmp_path, "lab", allow_create=False)  # live: the new name is generated, nothing refused
+    assert again["mariadb_root"] == s["mariadb_root"] and again["mariadb_backup"] != s["mariadb_backup"]
+    assert secrets_fingerprint(again) == before  # the marker on the hosts still matches
+    doc = yaml.safe_load(path.read_text())
+    del doc["secrets"]["mariadb_backup"], doc["secrets"]["mariadb_app"]
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(PayctlError, match="secrets mariadb_app are missing"):
+        load_or_create(tmp_path, "lab", allow_create=False)

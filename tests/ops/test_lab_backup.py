@@ -140,4 +140,5 @@ def test_backup_under_load_then_point_in_time_restore_between_two_payments(
     with urllib.request.urlopen(f"{LB}/health", timeout=5) as resp:
         assert resp.status == 200
     print(f"\nlab backup: {backup_s:.1f} s ({m.size / 1e6:.1f} MB); restore to --until: {restore_s:.1f} s; "
-          f"{len(expected)} payments restored; {report.out.strip()}")
+          f"{len(expected)} payments restored\n$ payctl backup -i lab-1node --yes\n{out.strip()}\n"
+          f"$ payctl restore -i lab-1node --backup {m.id} --until {until.isoformat()} --yes\n{report.out.strip()}")

@@ -35,7 +35,7 @@ from payctl.inventory import Inventory
 from payctl.phase import load_phase
 from payctl.plan import PORTS, LiveRoles, Plan, make_plan
 from payctl.render import FileKind, RenderedFile, is_lab, render
-from payctl.secrets import SECRET_NAMES, Secrets, load_or_create, secrets_path
+from payctl.secrets import ADDED_LATER, SECRET_NAMES, Secrets, load_or_create, secrets_path
 from payctl.wheelhouse import Wheelhouse, app_source, build
 
 if TYPE_CHECKING:
@@ -132,7 +132,8 @@ def secrets_fingerprint(secrets: Secrets) -> str:
     """A one-way fingerprint of the deployment's secrets, stored on the nodes to detect a mismatched secrets file."""
     h = hashlib.sha256(b"payctl-secrets-v1")
     for name in SECRET_NAMES:
-        h.update(b"\0" + secrets[name].reveal().encode())
+        if name not in ADDED_LATER:
+            h.update(b"\0" + secrets[name].reveal().encode())
     return h.hexdigest()[:16]
 
 

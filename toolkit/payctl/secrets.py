@@ -38,6 +38,10 @@ SECRET_NAMES: Final = (
     "redis_exporter",
     "grafana_admin",
 )
+#: Names added after deployments existed. No host has an account with them yet, so they are generated for a live
+#: deployment too (its next apply creates the account), and the secrets fingerprint leaves them out (a deployment made
+#: before they existed keeps its fingerprint).
+ADDED_LATER: Final = frozenset({"mariadb_backup"})
 # 32 random bytes = 256 bits (43 URL-safe characters); the issue asks for at least 128.
 TOKEN_BYTES: Final = 32
 REDACTED: Final = "********"
@@ -130,8 +134,9 @@ def load_or_create(home: Path, deployment: str, allow_create: bool) -> Secrets:
     path = secrets_path(home, deployment)
     stored = _read(path) if path.exists() else {}
     missing = [name for name in SECRET_NAMES if name not in stored]
-    if missing and not allow_create:
-        what = "the secrets file is missing" if not stored else f"secrets {', '.join(missing)} are missing"
+    if missing and not allow_create and (not stored or not set(missing) <= ADDED_LATER):
+        lost = [name for name in missing if name not in ADDED_LATER]
+        what = "the secrets file is missing" if not stored else f"secrets {', '.join(lost)} are missing"
         raise PayctlError(
             f"deployment {deployment!r} already runs on its hosts but {what} ({path})",
             hint=f"restore {path} from your backup (or set PAYCTL_HOME to where it lives); payctl will not generate "
