@@ -27,7 +27,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def drill_cmd(
-    scenario: str = typer.Argument(..., help=f"One of: {', '.join(drill.SCENARIOS)}."),
+    scenario: str = typer.Argument(..., help=f"One of: {', '.join(drill.built())}."),
     inventory: str = typer.Option(..., "-i", "--inventory", help="A lab inventory (lab-1node, lab-2node)."),
     rps: int = typer.Option(15, "--rps", help="Payment flows per second (each: authorize, 60% capture, refunds)."),
     duration: str = typer.Option("30s", "--duration", help="Whole load, e.g. 30s, 2m."),
