@@ -28,6 +28,7 @@ import hashlib
 import json
 import re
 import shlex
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -401,8 +402,6 @@ def take(source: Source, deployment: str, directory: Path, now: datetime, retent
     except BaseException:
         io.run(f"rm -rf {q(staging)}")
         if local.exists():
-            import shutil
-
             shutil.rmtree(local, ignore_errors=True)
         raise
     io.run(f"rm -rf {q(staging)}")
@@ -435,8 +434,6 @@ def _schema_version(source: Source) -> str:
 
 def prune(directory: Path, retention: Retention) -> list[str]:
     """Delete the backups ``to_prune`` names; returns their ids."""
-    import shutil
-
     drop = to_prune(list_backups(directory), retention)
     for backup_id in drop:
         shutil.rmtree(directory / backup_id)

@@ -26,7 +26,7 @@ import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -288,6 +288,3 @@ def discard(t: Target) -> bool:
         raise BackupError(f"{t.name}: removing {t.workdir} failed: {(err or out).strip()}")
     return "none" not in out.split()
 
-
-def since_backup(now: datetime, manifest: Manifest) -> timedelta:
-    return now - manifest.finished
