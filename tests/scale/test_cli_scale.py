@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from payctl import scale
 from payctl.cli import run
 
 
@@ -22,17 +23,59 @@ def test_dry_run_lists_the_steps_in_order(capsys: pytest.CaptureFixture[str], ho
     assert rc == 0, out
     lines = [line.strip() for line in out.splitlines() if line.strip()]
     assert lines[0] == "add node2 to deployment ktcloud-pay (primary node1, LB node1):"
-    steps = [line for line in lines if line[:2] in {"1.", "2.", "3.", "4.", "5."}]
-    assert [s.split("]")[0] for s in steps] == ["1. [node1", "2. [node2", "3. [node2", "4. [node1", "5. [node1"]
+    steps = [line for line in lines if line[:2] in {f"{i}." for i in range(1, 10)}]
+    assert [s.split("]")[0] for s in steps] == ["1. [node1", "2. [node2", "3. [node2", "4. [node1", "5. [node1",
+                                                "6. [node1", "7. [node1", "8. [node1, node2, witness"]  # fmt: skip
+    assert steps[1].startswith("2. [node2] deploy node2 and witness (phase 5 apply limited to them)")
+    assert "Sentinels on node2 and witness" in steps[1]
     assert (
         "MASTER_USE_GTID=slave_pos on node2" in steps[2] and "--single-transaction --master-data=1 --gtid" in steps[2]
     )
     assert "semi-sync AFTER_SYNC (1000 ms timeout)" in steps[2]
     assert "nginx on node1: upstreams node1, node2, nginx -t, graceful reload" in steps[4]
-    assert sum(line.startswith("undo: ") for line in lines) == 5
+    assert steps[5].startswith("6. [node1] phase 5 apply on every node: node1 gains its Sentinel, app.env with the "
+                               "Sentinels and both Kafka brokers")  # fmt: skip
+    assert steps[6] == ("7. [node1] Kafka: node2 and witness join the KRaft quorum (kafka-metadata-quorum "
+                        "add-controller); every topic (__consumer_offsets included) reassigned to RF 2 on node1, "
+                        "node2, then the topics' min.insync.replicas 2")  # fmt: skip
+    assert steps[7] == ("8. [node1, node2, witness] wait until the 3 Sentinels name the same Redis master (node1), "
+                        "quorum 2, each seeing the other 2")  # fmt: skip
+    assert sum(line.startswith("undo: ") for line in lines) == 8
     assert lines[-1] == "dry run: nothing changed"
     # Nothing was written: no secrets were generated for a dry run.
     assert not (home / "ktcloud-pay").exists()
+
+
+def test_phase5_apply_adds_a_missing_node_through_scale(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, home: Path
+) -> None:
+    """``payctl phase5 apply`` on a running 1-node deployment goes through ``scale add-node``. Whether node2 is new
+    is read from the hosts (``scale.nodes_to_add``, exercised in the lab test); here that seam answers "node2"."""
+    asked: list[tuple[str, bool]] = []
+
+    def pending(inv: object, home_: Path, *, dry_run: bool = False) -> tuple[str, ...]:
+        asked.append((str(home_), dry_run))
+        return ("node2",)
+
+    monkeypatch.setattr(scale, "nodes_to_add", pending)
+    rc = run(["phase5", "apply", "-i", "ktcloud-2node", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert asked == [(str(home.absolute()), True)]
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    assert lines[0] == "node2 not running yet: payctl phase5 apply adds it with payctl scale add-node"
+    assert "add node2 to deployment ktcloud-pay (primary node1, LB node1):" in lines
+    assert lines[-1] == "dry run: nothing changed"
+    # --only (one component's files) never turns into adding a node.
+    asked.clear()
+    run(["phase5", "apply", "-i", "ktcloud-2node", "--dry-run", "--only", "app"])
+    assert asked == []
+
+
+def test_phase5_dry_run_of_a_fake_deployment_asks_no_host(home: Path) -> None:
+    from payctl.inventory import load_inventory
+
+    assert scale.nodes_to_add(load_inventory("ktcloud-2node"), home, dry_run=True) == ()
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,11 @@
 """`payctl scale add-node` on the lab: from a running 1-node deployment (lab-1node, phase 1) to node2 added while a
-bounded load loop sends payments through nginx. No failed payment; every acknowledged payment is on node2's replica;
-nginx serves from both nodes (each app's own /metrics counts the authorizations it served)."""
+bounded load loop sends payments through nginx (`payctl phase5 apply -i lab-2node`, which goes through scale
+add-node). No failed payment; every acknowledged payment is on node2's replica; nginx serves from both nodes (each
+app's own /metrics counts the authorizations it served); three Sentinels agree on the master.
+
+Then, on the same deployment (one lab bring-up for the module): the Redis master stopped (Sentinel promotes node2's
+replica, payments keep flowing, the shared limiter counts on the new master), a planned DB switchover under load, and
+node1's app stopped (nginx serves from node2 without an error)."""
 
 from __future__ import annotations
 
@@ -16,19 +21,50 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
-from payctl import lab
+from payctl import kafkajoin, lab
 from payctl.cli import run
 from payctl.inventory import load_inventory
+from payctl.secrets import load_or_create
 from tests.lab.conftest import exclusive_lab
+from tests.scale.conftest import LocalIO
+from tests.support.kafka import ensure_jars
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 NODE1 = Path("/var/lib/payctl-lab/node1")
 NODE2 = Path("/var/lib/payctl-lab/node2")
 LB = "http://10.77.0.11"
+ADDRESSES = {"node1": "10.77.0.11", "node2": "10.77.0.12", "witness": "10.77.0.13"}
+
+
+def secret(home: Path, name: str) -> str:
+    return load_or_create(home, "lab", allow_create=False)[name].reveal()
+
+
+def sentinel_masters(home: Path) -> dict[str, dict[str, Any]]:
+    """``SENTINEL master payctl`` as each lab node's Sentinel answers it (as the `sentinel` ACL user)."""
+    out: dict[str, dict[str, Any]] = {}
+    for node, address in ADDRESSES.items():
+        s = redis.Redis(host=address, port=26379, username="sentinel", password=secret(home, "redis_sentinel"),
+                        socket_timeout=2, decode_responses=True)  # fmt: skip
+        try:
+            m = s.sentinel_master("payctl")
+            assert isinstance(m, dict)
+            out[node] = m
+        finally:
+            s.close()
+    return out
+
+
+def supervisorctl(prefix: Path, *args: str) -> str:
+    out = subprocess.run(["supervisorctl", "-c", f"{prefix}/supervisor/supervisord.conf", *args],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    return out.stdout + out.stderr
 
 
 def sql(prefix: Path, statement: str) -> str:
@@ -103,7 +139,7 @@ def lab_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     inv = load_inventory("lab-2node")
     old = os.environ.get("PAYCTL_HOME")
     os.environ["PAYCTL_HOME"] = str(home)
-    with exclusive_lab():
+    with exclusive_lab(timeout=1800):  # the lab is shared by several engineers: queue longer
         try:
             lab.lab_up(inv, home)
             yield home
@@ -124,11 +160,35 @@ def test_add_node_under_load(lab_home: Path, capsys: pytest.CaptureFixture[str])
     assert authorize("m-scale-warm")[0] in (200, 201)
     with Load() as load:
         time.sleep(3)
-        rc = run(["scale", "add-node", "-i", "lab-2node", "--node", "node2", "--yes"])
+        started = time.monotonic()
+        rc = run(["phase5", "apply", "-i", "lab-2node", "--yes", "--no-verify"])
+        took = time.monotonic() - started
         out = capsys.readouterr()
         time.sleep(5)
     assert rc == 0, out.err[-3000:] + out.out[-2000:]
+    print(f"phase5 apply (scale add-node) under {load.rps:g}/s: {took:.1f} s, {len(load.acked)} acknowledged")
+    assert "node2 not running yet: payctl phase5 apply adds it with payctl scale add-node" in out.out
     assert "node2 added to deployment lab" in out.out
+    # Three Sentinels, one per node, agree on the Redis master with quorum 2 and see each other. From phase 1 the
+    # converge restarts node1's Redis (maxmemory changes), and the Sentinels may rightly fail it over to node2.
+    for node in ADDRESSES:
+        line = rf"sentinel {node}: master 10\.77\.0\.1[12]:6379 \(master\), quorum 2, 2 other"
+        assert re.search(line, out.out), out.out
+    masters = sentinel_masters(lab_home)
+    master = masters["node1"]["ip"]
+    assert master in ("10.77.0.11", "10.77.0.12")
+    assert {n: (m["ip"], int(m["port"]), int(m["quorum"]), int(m["num-other-sentinels"]), int(m["num-slaves"]))
+            for n, m in masters.items()} == {n: (master, 6379, 2, 2, 1) for n in ADDRESSES}  # fmt: skip
+    print(f"Sentinels after add-node: all name {master}:6379 as master")
+    # Kafka: three voters (node1, node2, witness), every topic with 2 in-sync replicas, the app's topics min ISR 2.
+    tools = kafkajoin.KafkaHost("root", LocalIO(), str(ensure_jars()), str(lab_home / "kafka-tools"))
+    assert kafkajoin.voters(tools, "10.77.0.11:9093") == {1, 2, 3}
+    topics = kafkajoin.describe(tools, "10.77.0.11:9092,10.77.0.12:9092")
+    assert "__consumer_offsets" in {t.name for t in topics} and len(topics) >= 3, [t.name for t in topics]
+    short = [(t.name, p.partition, p.isr) for t in topics for p in t.partitions if sorted(p.isr) != [1, 2]]
+    assert short == []
+    assert {t.name: t.configs.get("min.insync.replicas") for t in topics if not t.name.startswith("__")} == {
+        t.name: "2" for t in topics if not t.name.startswith("__")}  # fmt: skip
     assert re.search(r"node2: replica of node1 at GTID 0-\d+-\d+, semi-sync clients 1, seeded now", out.out), out.out
     assert load.failed == [], load.failed[:5]
     assert len(load.acked) > 50
@@ -146,6 +206,95 @@ def test_add_node_under_load(lab_home: Path, capsys: pytest.CaptureFixture[str])
     for i in range(20):
         assert authorize(f"m-scale-after-{i}")[0] in (200, 201)
     assert served("10.77.0.12") > before and served("10.77.0.11") > 0
+
+
+def test_broker_stopped_outbox_holds_then_delivers_once(lab_home: Path) -> None:
+    """After add-node (RF 2, min.insync.replicas 2): node2's broker stopped under the payment loop. Payments are still
+    acknowledged, their events wait in the outbox (no acks=all write can reach 2 in-sync replicas), and once the broker
+    is back every one of them is published and applied by the consumer (processed_event, one row per event id)."""
+    assert "stopped" in supervisorctl(NODE2, "stop", "payctl-kafka")
+    try:
+        with Load(rps=10) as load:
+            time.sleep(12)
+        held = int(sql(NODE1, "SELECT COUNT(*) FROM payments.outbox_event WHERE published_at IS NULL"))
+    finally:
+        assert "started" in supervisorctl(NODE2, "start", "payctl-kafka")
+    back = time.monotonic()
+    assert load.failed == [], load.failed[:5]
+    assert len(load.acked) >= 50
+    assert held >= len(load.acked)  # at least each payment's authorized event was held
+    ids = ",".join(str(int(p)) for p in load.acked)
+    events = int(sql(NODE1, f"SELECT COUNT(*) FROM payments.outbox_event WHERE payment_id IN ({ids})"))
+    deadline = time.monotonic() + 180
+    pending, applied = events, 0
+    while time.monotonic() < deadline:
+        pending = int(sql(NODE1, "SELECT COUNT(*) FROM payments.outbox_event "
+                                 f"WHERE payment_id IN ({ids}) AND published_at IS NULL"))  # fmt: skip
+        applied = int(sql(NODE1, "SELECT COUNT(*) FROM payments.processed_event p JOIN payments.outbox_event o "
+                                 f"USING (event_id) WHERE o.payment_id IN ({ids})"))  # fmt: skip
+        if pending == 0 and applied == events:
+            break
+        time.sleep(1)
+    print(f"broker node2 stopped 12 s under 10/s: {len(load.acked)} payments acknowledged, {held} events held in "
+          f"the outbox; after it returned: {events - pending}/{events} published, {applied} applied in "
+          f"{time.monotonic() - back:.1f} s")  # fmt: skip
+    assert (pending, applied) == (0, events)
+
+
+def test_redis_master_stopped_sentinel_promotes(lab_home: Path) -> None:
+    """Stop the Redis master's server under the payment loop: the Sentinels promote the other node's replica,
+    payments keep succeeding (the limiter fails open meanwhile), and the shared limiter counts on the new master
+    afterwards. The old master is started again and Sentinel makes it a replica of the new one."""
+    old = sentinel_masters(lab_home)["node1"]["ip"]
+    old_prefix, new = (NODE1, "10.77.0.12") if old == "10.77.0.11" else (NODE2, "10.77.0.11")
+    with Load() as load:
+        time.sleep(2)
+        stopped = time.monotonic()
+        assert "stopped" in supervisorctl(old_prefix, "stop", "payctl-redis")
+        promoted = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if {m["ip"] for m in sentinel_masters(lab_home).values()} == {new}:
+                    promoted = time.monotonic() - stopped
+                    break
+            except (redis.RedisError, OSError):
+                pass
+            time.sleep(0.5)
+        time.sleep(5)
+    assert promoted is not None, f"the Sentinels did not promote {new} within 90 s"
+    print(f"Redis master {old} stopped: all three Sentinels name {new} after {promoted:.1f} s; "
+          f"{len(load.acked)} payments acknowledged, {len(load.failed)} failed meanwhile")  # fmt: skip
+    assert load.failed == [], load.failed[:5]
+    # The limiter counts on the new master (through Sentinel): 5 authorizations of a fresh merchant = counter 5.
+    merchant = f"m-rl-{uuid.uuid4().hex[:8]}"
+    for _ in range(5):
+        assert authorize(merchant)[0] in (200, 201)
+    new_master = redis.Redis(host=new, port=6379, username="app", password=secret(lab_home, "redis_app"),
+                             socket_timeout=2, decode_responses=True)  # fmt: skip
+    try:
+        assert new_master.get(f"payapp:rl:authorize:{merchant}") == "5"
+    finally:
+        new_master.close()
+    # The old master returns as a replica of the new one (Sentinel reconfigures it).
+    assert "started" in supervisorctl(old_prefix, "start", "payctl-redis")
+    deadline = time.monotonic() + 60
+    role = ""
+    while time.monotonic() < deadline:
+        r = redis.Redis(host=old, port=6379, username="sentinel",
+                        password=secret(lab_home, "redis_sentinel"), socket_timeout=2)  # fmt: skip
+        try:
+            info = r.execute_command("ROLE")  # type: ignore[no-untyped-call]
+            role = f"{info[0]!r} {info[1]!r}"
+            if info[0] in (b"slave", "slave") and info[1] in (new.encode(), new):
+                break
+        except (redis.RedisError, OSError):
+            pass
+        finally:
+            r.close()
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"{old}'s Redis did not become {new}'s replica within 60 s (ROLE {role})")
 
 
 def test_planned_switchover_under_load(lab_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -171,3 +320,78 @@ def test_planned_switchover_under_load(lab_home: Path, capsys: pytest.CaptureFix
     results = [authorize(f"m-switch-after-{i}")[0] for i in range(20)]
     assert all(code in (200, 201) for code in results), results
     print(f"switchover under load: {len(load.acked)} acknowledged, {len(load.failed)} failed: {load.failed[:3]}")
+
+
+def test_app_stopped_on_node1_lb_serves_from_node2(lab_home: Path) -> None:
+    """Stop node1's app (its supervisord): nginx keeps serving every payment from node2 (a refused connection is
+    retried on the other upstream: nothing was sent), then marks node1 failed for fail_timeout. Started again, node1
+    serves again once fail_timeout has passed. The deployment is left with both apps running."""
+    before2 = served("10.77.0.12")
+    assert "stopped" in supervisorctl(NODE1, "stop", "payctl-app")
+    try:
+        codes = []
+        started = time.monotonic()
+        for i in range(40):  # ~4 s at 10/s, the first requests right after the stop
+            codes.append(authorize(f"m-lb-{i % 5}")[0])
+            time.sleep(0.1)
+        window = time.monotonic() - started
+        errors = [c for c in codes if c not in (200, 201)]
+        print(f"node1 app stopped: {len(codes) - len(errors)} of {len(codes)} payments served in {window:.1f} s, "
+              f"errors {errors}")  # fmt: skip
+        assert errors == []
+        assert served("10.77.0.12") - before2 >= 40  # all of them from node2
+    finally:
+        assert "started" in supervisorctl(NODE1, "start", "payctl-app")
+    # Healthy again: node1's app answers, and nginx sends it traffic after fail_timeout (10 s).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen("http://10.77.0.11:8080/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    time.sleep(11)
+    before1 = served("10.77.0.11")
+    for i in range(20):
+        assert authorize(f"m-lb-back-{i}")[0] in (200, 201)
+    assert served("10.77.0.11") > before1
+
+
+def test_forced_promotion_when_the_primary_stops(lab_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """After the switchover node2 is the primary. Its MariaDB stopped under the payment loop (its host still answers
+    SSH): `payctl failover db --promote node1 --force` promotes node1 (semi-sync was on, so every acknowledged payment
+    is there), repoints both apps, and rewrites node2's my.cnf for the replica role: it comes back read-only (fenced).
+    Last test of the module: the lab is torn down after it."""
+    with Load() as load:
+        time.sleep(3)
+        assert "stopped" in supervisorctl(NODE2, "stop", "payctl-mariadb")
+        stopped = time.monotonic()
+        rc = run(["failover", "db", "-i", "lab-2node", "--promote", "node1", "--force", "--yes"])
+        took = time.monotonic() - stopped
+        out = capsys.readouterr()
+        writes_back = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if authorize("m-force-probe")[0] in (200, 201):
+                writes_back = time.monotonic() - stopped
+                break
+            time.sleep(0.5)
+        time.sleep(3)
+    assert rc == 0, out.err[-3000:] + out.out[-2000:]
+    print(f"forced promotion: command {took:.1f} s, writes back {writes_back} s after node2's MariaDB stopped; "
+          f"{len(load.acked)} acknowledged, {len(load.failed)} refused meanwhile: {load.failed[:2]}")  # fmt: skip
+    assert "node1 is the MariaDB primary" in out.out
+    assert "node2 not reachable: fence it on return" in out.out
+    assert writes_back is not None
+    assert sql(NODE1, "SELECT @@read_only") == "0"
+    ids = ",".join(str(int(p)) for p in load.acked)
+    assert int(sql(NODE1, f"SELECT COUNT(*) FROM payments.payment WHERE payment_id IN ({ids})")) == len(load.acked)
+    # node2 returns fenced: its my.cnf now says replica, so it is read-only and takes no app writes.
+    assert "started" in supervisorctl(NODE2, "start", "payctl-mariadb")
+    sock = NODE2 / "run" / "mariadb.sock"
+    deadline = time.monotonic() + 30
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sql(NODE2, "SELECT @@read_only") == "1"

@@ -1,23 +1,30 @@
 """``payctl scale add-node``: add the node (and witness) an inventory declares to a running deployment, under traffic.
 
-The order keeps the system correct at every moment; each step that changed something records its undo, and a failure
-runs the undos in reverse (``replication`` undoes its own sub-steps):
+The order keeps the system correct at every moment; each step up to the LB that changed something records its undo,
+and a failure there runs the undos in reverse (``replication`` undoes its own sub-steps):
 
     1 plan      the phase-5 plan with the live roles (after a failover the hosts win): which node joins, which node
                 is the MariaDB primary and the LB; nothing is contacted for a dry run of a non-lab inventory
     2 accounts  on the primary: the phase's users SQL (app/migrate/exporter accounts for the new node's address);
                 idempotent, new accounts are dropped again on failure
-    3 node      the new node's own components (``payctl phase5 apply`` limited to that node: packages, files, a fresh
-                MariaDB datadir as replica, app and consumer pointing at the primary); undo: its programs stopped
+    3 node      the new node's and the witness's own components (``payctl phase5 apply`` limited to them: packages,
+                files, a fresh MariaDB datadir as replica, Redis replica, their Sentinels, app and consumer pointing
+                at the primary); undo: their programs stopped
     4 replica   ``payctl.replication.add_replica``: snapshot, CHANGE MASTER on the replica, catch-up, semi-sync; then
                 the users SQL once more on the primary, so the accounts (not in the snapshot) replicate to the new node
-    5 persist   the primary's my.cnf rewritten with the semi-sync settings already live (no restart: a later apply
-                then sees nothing to change and never restarts the primary for it)
+    5 persist   the primary's my.cnf rewritten with the semi-sync settings already live, and the Redis master's
+                redis.conf when only its comments change (no restart of either: a later apply then sees nothing to
+                change there)
     6 lb        nginx on the LB node with both upstreams: the file written, ``nginx -t``, a graceful reload (SIGHUP:
                 old workers finish their requests); undo: the previous file and another reload
-
-Redis replica + Sentinel, the second Kafka broker and the RF change are separate steps of issue 8 (see
-docs/scale-out.md for what runs today).
+    7 converge  ``payctl phase5 apply`` on every node: the existing node gains its Sentinel, its app the Sentinel
+                addresses (a restart while nginx sends to the new node), Prometheus the new targets. From here on a
+                failure rolls nothing back: the node is added; running the command (or ``phase5 apply``) again
+                completes it
+    8 kafka     the new controllers join the KRaft quorum, every topic is reassigned to RF 2 (``__consumer_offsets``
+                included) and gets the planned min.insync.replicas (``payctl.kafkajoin``)
+    9 sentinels every Sentinel names the same master, with the planned quorum, and sees all the others
+                (``payctl.sentinels``)
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from payctl import deploy, hosts, lock, replication
+from payctl import converge, deploy, hosts, lock, replication
 from payctl.errors import DeployError, PayctlError
 from payctl.inventory import Inventory
 from payctl.phase import load_phase
@@ -72,6 +79,7 @@ class AddNodePlan:
     plan: Plan
     steps: tuple[Step, ...]
     notes: tuple[str, ...] = ()
+    joining: tuple[str, ...] = ()  # the node and the witness, deployed by the "node" step
 
 
 class Hooks(Protocol):
@@ -98,13 +106,17 @@ def plan_add_node(inv: Inventory, node: str, live: LiveRoles | None = None) -> A
         raise ScaleRefused(f"{node} carries no app and MariaDB in phase {PHASE}: scale add-node adds an app node",
                          hint="check the node's roles in the inventory")  # fmt: skip
     p, lb = topo.mariadb_primary, topo.lb
+    # The witness (Sentinel, Kafka controller) joins with the node: a phase-5 apply limited to both.
+    joining = (node, *(n.name for n in inv.nodes if n.is_witness and n.name in {a.name for a in plan.active_nodes}))
     steps = (
         Step("accounts", p, f"apply the phase-{PHASE} users SQL on the primary {p} (accounts for {node}'s address)"
              + (f"; the firewall of {', '.join(dict.fromkeys([p, lb]))} admits {node}'s address"
                 if inv.firewall.enabled else ""),
              "drop the accounts this step created" + ("; the previous firewall" if inv.firewall.enabled else "")),
-        Step("node", node, f"deploy {node}'s components (phase {PHASE} apply limited to {node}): MariaDB (fresh, "
-             "read-only replica config), Redis, app and consumer", f"stop the programs on {node} (data kept)"),
+        Step("node", node, f"deploy {' and '.join(joining)} (phase {PHASE} apply limited to them): MariaDB (fresh, "
+             "read-only replica config), Redis replica, "
+             + (f"Sentinels on {' and '.join(joining)}, " if topo.sentinels else "")
+             + "Kafka broker, app and consumer", f"stop the programs on {' and '.join(joining)} (data kept)"),
         Step("replica", node, f"seed {node} from an online snapshot of {p} (mariadb-dump --single-transaction "
              f"--master-data=1 --gtid), CHANGE MASTER TO ... MASTER_USE_GTID=slave_pos on {node}, wait for catch-up, "
              f"semi-sync AFTER_SYNC ({SEMISYNC_TIMEOUT_MS} ms timeout)",
@@ -113,14 +125,13 @@ def plan_add_node(inv: Inventory, node: str, live: LiveRoles | None = None) -> A
              "the previous my.cnf"),
         Step("lb", lb, f"nginx on {lb}: upstreams {', '.join(topo.lb_upstreams)}, nginx -t, graceful reload",
              "the previous nginx.conf and a graceful reload"),
+        *(Step(*s) for s in converge.steps(plan, node)),
     )  # fmt: skip
     notes = []
     if not topo.sentinels:
         notes.append("no witness in the inventory: no two-Sentinel quorum is deployed; Redis failover is manual "
                      "(payctl failover redis)")  # fmt: skip
-    notes.append("not done by this command yet: Redis replica + Sentinels, Kafka second broker, RF 2 reassignment "
-                 "(docs/scale-out.md)")  # fmt: skip
-    return AddNodePlan(inv.deployment, node, p, lb, plan, steps, tuple(notes))
+    return AddNodePlan(inv.deployment, node, p, lb, plan, steps, tuple(notes), joining)
 
 
 # ------------------------------------------------------------------------------------------------------ execution
@@ -171,6 +182,7 @@ class AddNodeResult:
     applied: bool
     done: list[str] = field(default_factory=list)
     replica: replication.AddReplicaResult | None = None
+    sentinels: list[str] = field(default_factory=list)  # what each Sentinel said once they agreed
 
 
 def _live(inv: Inventory, home: Path, fake: bool) -> LiveRoles:
@@ -178,6 +190,23 @@ def _live(inv: Inventory, home: Path, fake: bool) -> LiveRoles:
     addresses = {n.name: n.private_address for n in inv.nodes}
     with hosts.connect(inv, home, fake=fake) as conn:
         return deploy.live_roles(deploy.gather_facts(conn, prefixes, addresses))
+
+
+def nodes_to_add(inv: Inventory, home: Path, *, dry_run: bool = False) -> tuple[str, ...]:
+    """The app nodes of the inventory that do not run the deployment yet while another node does: a running smaller
+    deployment, to which ``payctl phase5 apply`` adds them with ``add_node`` (a replica seeded online, not a fresh
+    database). Empty for a fresh deployment (a plain apply deploys every node) and for a dry run with the fake
+    connector (which learns nothing from the hosts)."""
+    if dry_run and not hosts.is_lab(inv):
+        return ()
+    prefixes = {n.name: inv.node_prefix(n.name) for n in inv.nodes}
+    addresses = {n.name: n.private_address for n in inv.nodes}
+    with hosts.connect(inv, home) as conn:
+        facts = deploy.gather_facts(conn, prefixes, addresses)
+    live = {n for n, f in facts.items() if f.live}
+    if not live:
+        return ()
+    return tuple(n.name for n in inv.nodes if "app" in n.roles and n.name not in live)
 
 
 def add_node(req: AddNodeRequest, hooks: Hooks) -> AddNodeResult:
@@ -216,6 +245,18 @@ def add_node(req: AddNodeRequest, hooks: Hooks) -> AddNodeResult:
             f"adding {req.node} failed: {exc.message}"
             + (f" (rollback incomplete: {'; '.join(failed)})" if failed else " (rolled back)"),
             hint=exc.hint,
+        ) from exc
+    # The node is added; what follows completes the deployment and is not rolled back (a re-run completes it).
+    try:
+        done = converge.CompleteRequest(inv, req.inventory_path, req.home, req.command, plan.plan, clear,
+                                        lambda conn, n: SshIO(conn.host(n)))  # fmt: skip
+        result.sentinels = converge.complete(done, hooks)
+    except PayctlError as exc:
+        raise ScaleError(
+            f"{req.node} is added (replica of {plan.primary}, behind the LB) but completing phase {PHASE} failed: "
+            f"{exc.message}",
+            hint=(exc.hint + "; " if exc.hint else "") + "nothing was rolled back: run the same command again (or "
+            f"payctl phase{PHASE} apply) to complete it",
         ) from exc
     result.applied = True
     result.done = [s.key for s in plan.steps]
@@ -306,25 +347,21 @@ def _accounts_to_replica(req: AddNodeRequest, plan: AddNodePlan, by_node: Mappin
 
 
 def _node(req: AddNodeRequest, plan: AddNodePlan, hooks: Hooks, undo: list[tuple[str, Callable[[], object]]]) -> None:
-    hooks.step(req.node, f"deploy {req.node} (phase {PHASE} apply limited to it)")
-
-    class _H:
-        def step(self, node: str | None, step: str) -> None:
-            hooks.step(node, step)
-
-        def confirm(self, preview: deploy.Preview) -> bool:
-            return True
+    joining = plan.joining or (req.node,)
+    hooks.step(req.node, f"deploy {' and '.join(joining)} (phase {PHASE} apply limited to them)")
 
     def stop() -> None:
-        with hosts.connect(req.inventory, req.home, nodes=[req.node]) as conn:
-            prefix = req.inventory.node_prefix(req.node)
-            deploy.shell_of(conn.host(req.node))(
-                f"supervisorctl -c {shlex.quote(prefix + '/supervisor/supervisord.conf')} shutdown"
-            )
+        with hosts.connect(req.inventory, req.home, nodes=list(joining)) as conn:
+            for n in joining:
+                prefix = req.inventory.node_prefix(n)
+                deploy.shell_of(conn.host(n))(
+                    f"supervisorctl -c {shlex.quote(prefix + '/supervisor/supervisord.conf')} shutdown"
+                )
 
-    undo.append((f"stop the programs on {req.node}", stop))
+    undo.append((f"stop the programs on {' and '.join(joining)}", stop))
     deploy.apply(
-        deploy.ApplyRequest(req.inventory, req.inventory_path, PHASE, req.home, req.command, nodes=(req.node,)), _H()
+        deploy.ApplyRequest(req.inventory, req.inventory_path, PHASE, req.home, req.command, nodes=joining),
+        converge.AutoConfirm(hooks),
     )
 
 
@@ -358,9 +395,17 @@ def _persist_and_lb(req: AddNodeRequest, plan: AddNodePlan, by_node: Mapping[str
                 _swap(c2, p, inv.node_prefix(p), "mariadb/my.cnf", cnf, None)
 
         undo.append((f"restore {p}'s my.cnf", restore_cnf))
+        q = shlex.quote
+        m, rel = plan.plan.topology.redis_master, "redis/redis.conf"
+        new_conf = by_node.get(m, {}).get(rel)
+        if new_conf is not None and m in conn.hosts:
+            ok, current, _ = deploy.shell_of(conn.host(m))(f"cat {q(inv.node_prefix(m) + '/' + rel)}")
+            if ok and current != new_conf and settings_lines(current) == settings_lines(new_conf):
+                # Only the header comment changes (the phase number): the converge apply must not restart the master.
+                hooks.step(m, "redis.conf: only comments change, written without a restart")
+                _swap(conn, m, inv.node_prefix(m), rel, new_conf, None)
         hooks.step(lb, "nginx: both upstreams, nginx -t, graceful reload")
         prefix = inv.node_prefix(lb)
-        q = shlex.quote
         reload = (f"nginx -t -q -c {q(prefix + '/nginx/nginx.conf')} -p {q(prefix + '/nginx')} && "
                   f"supervisorctl -c {q(prefix + '/supervisor/supervisord.conf')} signal HUP payctl-nginx")  # fmt: skip
         old = _swap(conn, lb, prefix, "nginx/nginx.conf", by_node[lb]["nginx/nginx.conf"], reload)
@@ -371,7 +416,12 @@ def _persist_and_lb(req: AddNodeRequest, plan: AddNodePlan, by_node: Mapping[str
 
         undo.append((f"restore {lb}'s nginx.conf and reload", restore))
 
-    _with_lock(req, plan, list(dict.fromkeys([p, lb])), redact, work)
+    _with_lock(req, plan, list(dict.fromkeys([p, lb, plan.plan.topology.redis_master])), redact, work)
+
+
+def settings_lines(text: str) -> list[str]:
+    """A config file without its comments and blank lines (what the program actually reads)."""
+    return [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith(("#", ";"))]
 
 
 def _swap(conn: hosts.Connected, node: str, prefix: str, rel: str, text: str, check_and_reload: str | None) -> str:
@@ -408,4 +458,4 @@ def describe(plan: AddNodePlan) -> list[str]:
 
 
 __all__ = ["AddNodePlan", "AddNodeRequest", "AddNodeResult", "Hooks", "ScaleError", "ScaleRefused", "Step",
-           "add_node", "describe", "plan_add_node"]  # fmt: skip
+           "add_node", "describe", "nodes_to_add", "plan_add_node"]  # fmt: skip

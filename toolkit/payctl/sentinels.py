@@ -10,7 +10,7 @@ with a deadline.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from payctl.errors import PayctlError
@@ -62,17 +62,20 @@ def view(node: RedisNode, user: str, password: str, master_name: str) -> Sentine
                         num("num-other-sentinels"), num("num-slaves"), fields.get("flags", ""))  # fmt: skip
 
 
-def agreed(views: Sequence[SentinelView], master: str, quorum: int) -> bool:
-    """Every Sentinel answered, names ``master`` (ip:port) with ``quorum``, sees all the others and no o_down."""
+def agreed(views: Sequence[SentinelView], masters: Collection[str], quorum: int) -> bool:
+    """Every Sentinel answered and names the same master, one of ``masters`` (ip:port: any Redis node of the
+    deployment, since the Sentinels may rightly have failed over meanwhile), with ``quorum``; each sees all the
+    others; nobody flags the master down."""
     n = len(views)
-    return bool(views) and all(
-        not v.error and v.master == master and v.quorum == quorum and v.other_sentinels == n - 1
+    return bool(views) and len({v.master for v in views}) == 1 and all(
+        not v.error and v.master in masters and v.quorum == quorum and v.other_sentinels == n - 1
         and "o_down" not in v.flags and "s_down" not in v.flags
         for v in views
     )  # fmt: skip
 
 
-def wait_agreed(nodes: Sequence[RedisNode], user: str, password: str, master_name: str, master: str, quorum: int,
+def wait_agreed(nodes: Sequence[RedisNode], user: str, password: str, master_name: str, masters: Collection[str],
+                quorum: int,
                 timeout_s: float = 60.0, sleep: Callable[[float], None] = time.sleep
                 ) -> list[SentinelView]:  # fmt: skip
     """Poll every Sentinel until they agree (see ``agreed``); returns the views, or raises SentinelError naming each
@@ -80,11 +83,12 @@ def wait_agreed(nodes: Sequence[RedisNode], user: str, password: str, master_nam
     deadline = time.monotonic() + timeout_s
     while True:
         views = [view(n, user, password, master_name) for n in nodes]
-        if agreed(views, master, quorum):
+        if agreed(views, masters, quorum):
             return views
         if time.monotonic() > deadline:
             raise SentinelError(
-                f"the {len(nodes)} Sentinels did not agree on master {master} (quorum {quorum}) within "
+                f"the {len(nodes)} Sentinels did not agree on master {' or '.join(sorted(masters))} (quorum {quorum}) "
+                f"within "
                 f"{timeout_s:.0f}s: " + "; ".join(v.describe() for v in views),
                 hint="check each node's logs/payctl-sentinel.log; `payctl phase5 apply` starts missing Sentinels",
             )

@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.syntax import Syntax
 
-from payctl import audit, deploy, hosts, lock
+from payctl import audit, deploy, hosts, lock, scale
 from payctl.errors import ConfigError, Interrupted
 from payctl.inventory import load_inventory, resolve_inventory_path
 from payctl.paths import payctl_home
-from payctl.phase import PHASES
+from payctl.phase import PHASES, load_phase
 
 _INVENTORY = typer.Option(..., "-i", "--inventory", help="Inventory file or bundled name (lab-1node, ktcloud-1node).")
 
@@ -119,6 +119,20 @@ def _apply(phase: int, inventory: str, dry_run: bool, yes: bool, no_verify: bool
             f"payctl phase{phase} apply changes hosts and asks first, but stdin is not a terminal",
             hint="add --yes to apply without asking, or --dry-run to only see what would change",
         )
+    if only is None and load_phase(phase).has("second_node"):
+        adding = scale.nodes_to_add(inv, _home(), dry_run=dry_run)
+        if adding:
+            # A running smaller deployment grows through `payctl scale add-node` (online replica seed, LB, Sentinels).
+            from payctl.cli.scale import add_node_cmd
+
+            them = "them" if len(adding) > 1 else "it"
+            console.print(f"{', '.join(adding)} not running yet: payctl phase{phase} apply adds {them} with "
+                          "payctl scale add-node", markup=False)  # fmt: skip
+            for node in adding:
+                add_node_cmd(inventory, node, dry_run, yes)
+            if not dry_run and not no_verify:
+                _gate(inventory, inv.deployment, path, phase, console)
+            return
     argv = ["payctl", f"phase{phase}", "apply", "-i", inventory] + (["--only", only] if only else [])
     hooks = ConsoleHooks(console, yes=yes)
     req = deploy.ApplyRequest(inv, path, phase, _home(), " ".join(argv), dry_run=dry_run, only=only,
