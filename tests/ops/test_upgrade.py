@@ -264,7 +264,17 @@ def local_node(prefix: Path) -> rolling.NodeShell:
         return proc.returncode == 0, proc.stdout, proc.stderr
 
     node.shell = shell
+    node.host = LocalHost()  # type: ignore[assignment]
     return node
+
+
+class LocalHost:
+    """pyinfra Host.put_file's contract (a path or a file object -> the remote path), on this machine."""
+
+    def put_file(self, src: object, remote: str) -> bool:
+        data = Path(src).read_bytes() if isinstance(src, str) else src.read()  # type: ignore[attr-defined]
+        Path(remote).write_bytes(data)
+        return True
 
 
 @pytest.mark.slow
@@ -303,3 +313,51 @@ def test_programs_start_in_parallel_and_errors_are_named(tmp_path: Path) -> None
     finally:
         sup.terminate()
         sup.wait(30)
+
+
+@pytest.mark.slow
+def test_take_out_and_put_back_reload_a_real_nginx_and_restore_the_file_byte_for_byte(tmp_path: Path) -> None:
+    from tests.support.services import free_port
+
+    port, up1, up2 = free_port(), free_port(), free_port()
+    nginx = tmp_path / "nginx"
+    for d in ("logs", "run", "tmp"):
+        (nginx / d).mkdir(parents=True)
+    conf = nginx / "nginx.conf"
+    conf.write_text(
+        "worker_processes 1;\npid run/nginx.pid;\nerror_log logs/error.log warn;\nevents { worker_connections 64; }\n"
+        "http {\n    access_log off;\n    client_body_temp_path tmp/body;\n    proxy_temp_path tmp/proxy;\n"
+        "    fastcgi_temp_path tmp/fastcgi;\n    uwsgi_temp_path tmp/uwsgi;\n    scgi_temp_path tmp/scgi;\n"
+        f"    upstream payapp {{\n        server 127.0.0.1:{up1} max_fails=3 fail_timeout=10s;\n"
+        f"        server 127.0.0.1:{up2} max_fails=3 fail_timeout=10s;\n    }}\n"
+        f"    server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://payapp; }} }}\n}}\n\n"
+    )
+    conf.chmod(0o640)
+    original = conf.read_bytes()
+    master = subprocess.Popen(["nginx", "-p", f"{nginx}/", "-c", str(conf), "-g", "daemon off;"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(100):
+            if (nginx / "run" / "nginx.pid").exists():
+                break
+            time.sleep(0.1)
+        workers = sh(f"ps -o pid= --ppid {master.pid}").split()
+        node = local_node(tmp_path)
+        assert rolling.take_out(node, f"127.0.0.1:{up2}", 10) == ""
+        assert f"server 127.0.0.1:{up2} max_fails=3 fail_timeout=10s down;" in conf.read_text()
+        assert oct(conf.stat().st_mode & 0o777) == "0o640"
+        after = sh(f"ps -o pid= --ppid {master.pid}").split()
+        assert after and not set(after) & set(workers)  # the old workers were waited for: all gone
+        assert rolling.put_back(node, 10) == ""
+        assert conf.read_bytes() == original
+        assert not (nginx / "nginx.conf.payctl-keep").exists()
+        bad = tmp_path / "bad"
+        (bad / "nginx").mkdir(parents=True)
+        bad_conf = "events {}\nhttp {\n upstream payapp {\n  server 127.0.0.1:1 junk=1;\n }\n}\n"
+        (bad / "nginx" / "nginx.conf").write_text(bad_conf)
+        with pytest.raises(DeployError, match="nginx -t"):
+            rolling.take_out(local_node(bad), "127.0.0.1:1", 5)
+        assert not (bad / "nginx" / "nginx.conf.payctl-new").exists()
+    finally:
+        master.terminate()
+        master.wait(30)

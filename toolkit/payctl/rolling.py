@@ -70,16 +70,20 @@ def with_upstream_down(conf: str, upstream: str) -> str:
     return pattern.sub(lambda m: f"{m.group(1)} down;", conf)
 
 
-def nginx_swap(lb: NodeShell, text: str, timeout_s: float) -> str:
-    """Write nginx.conf (checked with ``nginx -t`` first), SIGHUP, wait for the old workers to finish and exit.
+def _nginx_paths(lb: NodeShell) -> tuple[str, str, str, str]:
+    nginx = f"{lb.prefix}/nginx"
+    return nginx, f"{nginx}/nginx.conf", f"{nginx}/nginx.conf.payctl-new", f"{nginx}/nginx.conf.payctl-keep"
+
+
+def _activate(lb: NodeShell, timeout_s: float) -> str:
+    """``nginx.conf.payctl-new`` checked with ``nginx -t``, moved over nginx.conf (one rename), SIGHUP; then wait for
+    the old workers (pids read before the signal) to finish their requests and exit.
 
     Returns "" or a note when old workers were still busy at the deadline (the app's own drain covers them)."""
     q = shlex.quote
-    nginx = f"{lb.prefix}/nginx"
-    conf, new = f"{nginx}/nginx.conf", f"{nginx}/nginx.conf.payctl-new"
-    lb.put_text(text, new)
-    lb.run(f"chmod --reference={q(conf)} {q(new)} && nginx -t -q -c {q(new)} -p {q(nginx + '/')} 2>&1 || "
-           f"{{ rc=$?; rm -f {q(new)}; exit $rc; }}", "nginx -t on the new nginx.conf")  # fmt: skip
+    nginx, conf, new, _ = _nginx_paths(lb)
+    lb.run(f"nginx -t -q -c {q(new)} -p {q(nginx + '/')} 2>&1 || {{ rc=$?; rm -f {q(new)}; exit $rc; }}",
+           "nginx -t on the new nginx.conf")  # fmt: skip
     ticks = int(timeout_s * 10)
     out = lb.run(
         f"set -e; m=$(cat {q(nginx + '/run/nginx.pid')}); old=$(ps -o pid= --ppid \"$m\" | tr '\\n' ' '); "
@@ -89,3 +93,24 @@ def nginx_swap(lb: NodeShell, text: str, timeout_s: float) -> str:
         "nginx reload",
     )
     return f"old nginx workers{out.strip()[4:]} still busy after {timeout_s:.0f}s" if out.startswith("BUSY") else ""
+
+
+def take_out(lb: NodeShell, upstream: str, timeout_s: float) -> str:
+    """The LB's nginx.conf kept aside byte for byte, then the same file with ``upstream`` marked ``down`` activated."""
+    q = shlex.quote
+    _, conf, new, keep = _nginx_paths(lb)
+    lb.run(f"cp -p {q(conf)} {q(keep)}", "keeping nginx.conf")
+    text = lb.run(f"cat {q(conf)}", "reading nginx.conf")
+    lb.put_text(with_upstream_down(text if text.endswith("\n") else text + "\n", upstream), new)
+    lb.run(f"chmod --reference={q(conf)} {q(new)}", "nginx.conf mode")
+    return _activate(lb, timeout_s)
+
+
+def put_back(lb: NodeShell, timeout_s: float) -> str:
+    """The nginx.conf kept by ``take_out`` activated again (identical bytes: a later phase apply sees no drift)."""
+    q = shlex.quote
+    _, _, new, keep = _nginx_paths(lb)
+    lb.run(f"cp -p {q(keep)} {q(new)}", "restoring nginx.conf")
+    note = _activate(lb, timeout_s)
+    lb.run(f"rm -f {q(keep)}", "removing the kept nginx.conf")
+    return note

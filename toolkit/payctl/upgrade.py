@@ -303,13 +303,10 @@ def _roll_node(conn: hosts.Connected, up: UpgradePlan, plan: Plan, s: NodeStep, 
             raise UpgradeError(f"{exc.message}; nothing was switched, every node still runs its release",
                                hint="fix the migration; it must work against the running schema") from exc  # fmt: skip
     lb = rolling.NodeShell(conn, up.lb, up.lb_prefix, up.lab) if s.in_lb and up.lb else None
-    original = ""
     out_at = 0.0
     if lb is not None:
         hooks.step(up.lb, f"take {s.node} out of the load balancer (graceful reload)")
-        original = lb.run(f"cat {shlex.quote(up.lb_prefix + '/nginx/nginx.conf')}", "reading nginx.conf")
-        down = rolling.with_upstream_down(original, f"{s.address}:{PORTS['app']}")
-        note = rolling.nginx_swap(lb, down, req.lb_drain_timeout_s)
+        note = rolling.take_out(lb, f"{s.address}:{PORTS['app']}", req.lb_drain_timeout_s)
         out_at = time.monotonic()
         if note:
             out.notes.append(note)
@@ -329,7 +326,7 @@ def _roll_node(conn: hosts.Connected, up: UpgradePlan, plan: Plan, s: NodeStep, 
         n.programs("start", s.programs)
         back, detail2 = _healthy(conn, plan, hooks, s.node, req.health_timeout_s)
         if back and lb is not None:
-            rolling.nginx_swap(lb, original, req.lb_drain_timeout_s)
+            rolling.put_back(lb, req.lb_drain_timeout_s)
         if up.kind == "upgrade":
             n.shell(f"rm -rf {shlex.quote(target_dir)}")
         where = "" if lb is None else (" and is back in the load balancer" if back else
@@ -344,7 +341,7 @@ def _roll_node(conn: hosts.Connected, up: UpgradePlan, plan: Plan, s: NodeStep, 
         out.downtime_s = round(time.monotonic() - stopped_at, 2)
     if lb is not None:
         hooks.step(up.lb, f"put {s.node} back into the load balancer")
-        note = rolling.nginx_swap(lb, original, req.lb_drain_timeout_s)
+        note = rolling.put_back(lb, req.lb_drain_timeout_s)
         out.out_of_lb_s = round(time.monotonic() - out_at, 2)
         if note:
             out.notes.append(note)
