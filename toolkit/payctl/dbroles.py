@@ -95,7 +95,8 @@ def failover_db(req: FailoverRequest, hooks: Progress) -> failover.FailoverResul
     with hosts.connect(inv, req.home, nodes=up, redact=secrets.redact) as conn:
         prefixes = {n: inv.node_prefix(n) for n in up}
         addresses = {n.name: n.private_address for n in inv.nodes}
-        live = deploy.live_roles(deploy.gather_facts(conn, prefixes, addresses))
+        facts = deploy.gather_facts(conn, prefixes, addresses)
+        live = deploy.live_roles(facts)
         plan = make_plan(inv, load_phase(phase), live_roles=live)
         nodes = {n: scale.db_node(plan, n, scale.SshIO(conn.host(n))) for n in up}
         old = live.mariadb_primary
@@ -107,7 +108,16 @@ def failover_db(req: FailoverRequest, hooks: Progress) -> failover.FailoverResul
                                   hint="use --force when the primary is gone")  # fmt: skip
             result = failover.switchover(nodes[old], nodes[req.promote], spec, lambda s: hooks.step(req.promote, s))
         else:
-            others = [nodes[n] for n in up if n not in (req.promote, old)]
+            # The primary is gone: its host may still answer SSH while its MariaDB does not. Only servers that
+            # answer are candidates; with no writable node left, the silent one is the old primary (fenced by its
+            # my.cnf below, and by `failover.fence` when it returns).
+            answering = [n for n in up if facts[n].mariadb_read_only is not None]
+            if req.promote not in answering:
+                raise PayctlError(f"{req.promote}'s MariaDB does not answer: it cannot be promoted",
+                                  hint="start its server first (see payctl logs --component mariadb)")  # fmt: skip
+            if old is None:
+                old = next((n for n in db_nodes if n not in answering), None)
+            others = [nodes[n] for n in answering if n not in (req.promote, old)]
             result = failover.promote([nodes[req.promote], *others], nodes.get(old) if old else None, spec,
                                       step=lambda s: hooks.step(req.promote, s))  # fmt: skip
             if result.new_primary != req.promote:
