@@ -18,6 +18,8 @@ import pytest
 from payctl import monitoring
 from payctl.cli import run
 from payctl.inventory import load_inventory
+from payctl.lab import detect_cgroups, layout
+from payctl.labmetrics import LabSampler
 from payctl.plan import PORTS
 from payctl.prom import PromClient, tunnel
 from tests.support.labs import SharedLab
@@ -25,7 +27,7 @@ from tests.support.services import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab, pytest.mark.shared_lab("lab-1node", 4)]
 
-JOBS = {"payapp", "relay", "consumer", "node", "mysqld", "redis", "nginx"}
+JOBS = {"payapp", "relay", "consumer", "node", "mysqld", "redis", "nginx", "kafka"}
 
 
 @pytest.fixture
@@ -116,6 +118,73 @@ def test_status_json_has_live_figures(lab_phase4: Path, capsys: pytest.CaptureFi
     assert 0 <= node["cpu"] <= 100 * (os.cpu_count() or 1) and node["memory"] > 50
     assert {t["job"] for t in doc["targets"]} == JOBS and all(t["health"] == "up" for t in doc["targets"])
     assert any("cgroup" in n for n in doc["monitoring"]["notes"])
+    # cpu and memory came from Prometheus (the host's cgroup via the textfile collector), not from payctl's own read
+    assert not any("read from the host's cgroup by payctl" in n for n in doc["monitoring"]["notes"])
     assert run(["status", "-i", "lab-1node"]) == 0
     text = capsys.readouterr().out
-    assert "7/7 scrape targets up" in text and "live: cpu" in text
+    assert "8/8 scrape targets up" in text and "live: cpu" in text
+
+
+def _one(client: PromClient, expr: str) -> float:
+    found = client.query(expr)
+    assert len(found) == 1, (expr, found)
+    return found[0].value
+
+
+def _load_through_nginx(threads: int, seconds: float, most: int) -> int:
+    """Bounded load: threads reading an unknown id through the lab LB for `seconds`, at most `most` requests each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    deadline = time.monotonic() + seconds
+
+    def one(_: int) -> int:
+        n = 0
+        while n < most and time.monotonic() < deadline:
+            _requests_through_nginx(1, 0.0)
+            n += 1
+        return n
+
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(one, range(threads)))
+
+
+def test_node_cpu_and_memory_in_prometheus_are_the_lab_hosts_cgroup(lab_phase4: Path) -> None:
+    """Lab hosts share /proc: the node exporter's figures are the whole machine's. The host's own cgroup figures
+    (textfile collector) are in Prometheus, agree with the cgroup read from this machine, move under load, and the
+    recording rules (status, dashboard, NodeCpuHigh) use them."""
+    inv = load_inventory("lab-1node")
+    node = layout(inv)[0]
+    cgroups = detect_cgroups()
+    mem_file = "memory.current" if cgroups.version == 2 else "memory.usage_in_bytes"
+    host_memory = cgroups.dirs(node.cgroup)[-1] / mem_file
+    sel = '{node="node1"}'
+    with _client(lab_phase4) as client:
+        def recorded(c: PromClient = client) -> bool:
+            return bool(c.query(f"payctl:node_cpu_ratio:1m{sel}"))
+
+        wait_until(recorded, 90, "the cgroup CPU ratio recorded (two scrapes of the textfile series)", interval=3)
+        assert _one(client, f"payctl_lab_node_cpu_limit_cores{sel}") == node.cpus
+        assert _one(client, f"payctl_lab_node_memory_limit_bytes{sel}") == node.memory_bytes
+        mem = _one(client, f"payctl:node_memory_used_bytes{sel}")
+        assert mem == _one(client, f"payctl_lab_node_memory_usage_bytes{sel}")
+        assert abs(mem - int(host_memory.read_text())) < 0.25 * mem  # the same counter, up to 20 s apart
+        machine = _one(client, f"node_memory_MemTotal_bytes{sel} - node_memory_MemAvailable_bytes{sel}")
+        assert machine > 1.1 * mem, (machine, mem)  # the node exporter's figure is the whole machine's
+        assert _one(client, f"node_memory_MemTotal_bytes{sel}") > node.memory_bytes
+
+        before = _one(client, f"payctl_lab_node_cpu_seconds_total{sel}")
+        sampler = LabSampler([node], cgroups)  # this machine's own read of the same cgroup, over the load
+        t0 = time.monotonic()
+        sampler.sample(0.0)
+        sent = _load_through_nginx(4, 8.0, 4000)
+        sampler.sample(time.monotonic() - t0)
+        pts = sampler.series().cpu_percent["node1"]
+        host_cpu_s = pts[-1][1] / 100 * pts[-1][0]  # type: ignore[operator]
+        assert host_cpu_s > 2.0, (host_cpu_s, sent)  # 8 s of load: the node did work
+        # Prometheus holds the loop's sample of up to 5 s + one 15 s scrape ago: wait for one newer than the load.
+        def moved(c: PromClient = client) -> bool:
+            return _one(c, f"payctl_lab_node_cpu_seconds_total{sel}") - before > 0.8 * host_cpu_s
+
+        wait_until(moved, 45, "the node's cgroup CPU moved in Prometheus by about what the load used", interval=3)
+        ratio = _one(client, f"payctl:node_cpu_ratio:1m{sel}")
+        assert 0 < ratio <= 1.05
