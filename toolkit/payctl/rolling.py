@@ -99,7 +99,9 @@ def take_out(lb: NodeShell, upstream: str, timeout_s: float) -> str:
     """The LB's nginx.conf kept aside byte for byte, then the same file with ``upstream`` marked ``down`` activated."""
     q = shlex.quote
     _, conf, new, keep = _nginx_paths(lb)
-    lb.run(f"cp -p {q(conf)} {q(keep)}", "keeping nginx.conf")
+    # A rendered nginx.conf never says "down": if it does, an interrupted run left the original in keep.
+    lb.run(f"if grep -q ' down;' {q(conf)} && [ -f {q(keep)} ]; then :; else cp -p {q(conf)} {q(keep)}; fi",
+           "keeping nginx.conf")  # fmt: skip
     text = lb.run(f"cat {q(conf)}", "reading nginx.conf")
     lb.put_text(with_upstream_down(text if text.endswith("\n") else text + "\n", upstream), new)
     lb.run(f"chmod --reference={q(conf)} {q(new)}", "nginx.conf mode")
