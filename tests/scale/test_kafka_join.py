@@ -137,6 +137,30 @@ def test_parse_topics_and_reassignment() -> None:
     assert kafkajoin.parse_voters(status) == {1, 2}
 
 
+def test_describe_waits_for_a_restarting_broker_then_gives_up() -> None:
+    """The phase-5 apply before the Kafka step restarts brokers whose config changed: describe retries (our NodeIO
+    seam answers "disconnected" twice), and fails with the tool's output once its wait is over."""
+    header = "Topic: t\tTopicId: x\tPartitionCount: 1\tReplicationFactor: 1\tConfigs: \n"
+    answers = [(False, "DisconnectException: node 1 being disconnected", "")] * 2 + [(True, header, "")]
+
+    class Flaky:
+        calls = 0
+
+        def run(self, command: str) -> tuple[bool, str, str]:
+            Flaky.calls += 1
+            return answers.pop(0) if answers else (False, "still down", "")
+
+        def put_private(self, path: str, text: str) -> None:
+            raise AssertionError("not used")
+
+    host = kafkajoin.KafkaHost("node1", Flaky(), "/lib", "/work")
+    slept: list[float] = []
+    [t] = kafkajoin.describe(host, "10.77.0.11:9092", wait_s=60, sleep=slept.append)
+    assert t.name == "t" and Flaky.calls == 3 and slept == [2.0, 2.0]
+    with pytest.raises(kafkajoin.KafkaJoinError, match="still down"):
+        kafkajoin.describe(host, "10.77.0.11:9092", wait_s=0, sleep=slept.append)
+
+
 def test_second_node_joins_quorum_and_every_topic_gets_rf2(nodes: tuple[KafkaNode, KafkaNode], tmp_path: Path) -> None:
     n1, n2 = nodes
     bootstrap = f"127.0.0.1:{n1.port}"

@@ -162,9 +162,19 @@ def add_controllers(first: KafkaHost, new: Sequence[tuple[KafkaHost, int, str]],
     return voters(first, controllers)
 
 
-def describe(host: KafkaHost, bootstrap: str) -> list[Topic]:
-    return parse_topics(host.tool(TOPIC_TOOL, f"--bootstrap-server {shlex.quote(bootstrap)} --describe",
-                                  "kafka-topics --describe"))  # fmt: skip
+def describe(host: KafkaHost, bootstrap: str, wait_s: float = 120.0,
+             sleep: Callable[[float], None] = time.sleep) -> list[Topic]:  # fmt: skip
+    """The topics and their partitions. A broker that is restarting (the phase-5 apply just before restarts the
+    brokers whose config changed: seen in CI as "node 1 being disconnected") is waited for up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return parse_topics(host.tool(TOPIC_TOOL, f"--bootstrap-server {shlex.quote(bootstrap)} --describe",
+                                          "kafka-topics --describe"))  # fmt: skip
+        except KafkaJoinError:
+            if time.monotonic() > deadline:
+                raise
+            sleep(2.0)
 
 
 def raise_replication(host: KafkaHost, bootstrap: str, brokers: Sequence[int], rf: int, min_isr: int,
@@ -172,7 +182,7 @@ def raise_replication(host: KafkaHost, bootstrap: str, brokers: Sequence[int], r
                       sleep: Callable[[float], None] = time.sleep) -> list[Topic]:  # fmt: skip
     """Reassign every under-replicated partition to ``rf`` brokers, wait for the ISR, then set each topic's own
     ``min.insync.replicas`` to ``min_isr``. Idempotent: a second run finds nothing to move. Returns the topics."""
-    topics = describe(host, bootstrap)
+    topics = describe(host, bootstrap, sleep=sleep)
     plan = reassignment(topics, brokers, rf)
     moves = plan["partitions"]
     assert isinstance(moves, list)
@@ -185,7 +195,7 @@ def raise_replication(host: KafkaHost, bootstrap: str, brokers: Sequence[int], r
                   f"{shlex.quote(path)} --execute", "kafka-reassign-partitions --execute")  # fmt: skip
     deadline = time.monotonic() + timeout_s
     while True:
-        topics = describe(host, bootstrap)
+        topics = describe(host, bootstrap, sleep=sleep)
         short = [f"{p.topic}-{p.partition} (ISR {list(p.isr)})" for t in topics for p in t.partitions
                  if len(p.replicas) < rf or len(p.isr) < rf]  # fmt: skip
         if not short:
