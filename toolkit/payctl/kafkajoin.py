@@ -25,9 +25,12 @@ import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from payctl.errors import PayctlError
 from payctl.replication import NodeIO
+
+T = TypeVar("T")
 
 JVM = "java -Xmx160m -XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 TOPIC_TOOL = "org.apache.kafka.tools.TopicCommand"
@@ -123,10 +126,24 @@ def parse_voters(out: str) -> set[int]:
         return set(int(x) for x in re.findall(r'"id":\s*(\d+)', m.group(1)))
 
 
-def voters(host: KafkaHost, controllers: str) -> set[int]:
-    out = host.tool(QUORUM_TOOL, f"--bootstrap-controller {shlex.quote(controllers)} describe --status",
-                    "kafka-metadata-quorum describe")  # fmt: skip
-    return parse_voters(out)
+def voters(host: KafkaHost, controllers: str, wait_s: float = 60.0,
+           sleep: Callable[[float], None] = time.sleep) -> set[int]:  # fmt: skip
+    """The current voter ids; a controller that does not answer yet ("Timed out waiting for a node assignment",
+    seen right after add-node's restarts) is asked again for up to ``wait_s``."""
+    return _retrying(lambda: parse_voters(host.tool(
+        QUORUM_TOOL, f"--bootstrap-controller {shlex.quote(controllers)} describe --status",
+        "kafka-metadata-quorum describe")), wait_s, sleep)  # fmt: skip
+
+
+def _retrying(call: Callable[[], T], wait_s: float, sleep: Callable[[float], None]) -> T:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return call()
+        except KafkaJoinError:
+            if time.monotonic() > deadline:
+                raise
+            sleep(2.0)
 
 
 def add_controllers(first: KafkaHost, new: Sequence[tuple[KafkaHost, int, str]], controllers: str,
@@ -166,15 +183,9 @@ def describe(host: KafkaHost, bootstrap: str, wait_s: float = 120.0,
              sleep: Callable[[float], None] = time.sleep) -> list[Topic]:  # fmt: skip
     """The topics and their partitions. A broker that is restarting (the phase-5 apply just before restarts the
     brokers whose config changed: seen in CI as "node 1 being disconnected") is waited for up to ``wait_s``."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return parse_topics(host.tool(TOPIC_TOOL, f"--bootstrap-server {shlex.quote(bootstrap)} --describe",
-                                          "kafka-topics --describe"))  # fmt: skip
-        except KafkaJoinError:
-            if time.monotonic() > deadline:
-                raise
-            sleep(2.0)
+    return _retrying(lambda: parse_topics(host.tool(
+        TOPIC_TOOL, f"--bootstrap-server {shlex.quote(bootstrap)} --describe", "kafka-topics --describe")),
+        wait_s, sleep)  # fmt: skip
 
 
 def raise_replication(host: KafkaHost, bootstrap: str, brokers: Sequence[int], rf: int, min_isr: int,
