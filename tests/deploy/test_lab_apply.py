@@ -7,14 +7,12 @@ phase 3 on top → status/logs → down, then lab down leaves nothing behind.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -26,11 +24,11 @@ import pytest
 from payctl import lab, lock, operate
 from payctl.cli import run
 from payctl.inventory import Inventory, load_inventory
+from tests.support.labs import exclusive_lab
 from tests.support.services import wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-LOCK = Path("/run/payctl-lab-tests.lock")  # shared with tests/lab: the lab's addresses are fixed
 PREFIX = Path("/var/lib/payctl-lab/node1")
 CONF = PREFIX / "supervisor" / "supervisord.conf"
 APPLY = ["phase1", "apply", "-i", "lab-1node", "--yes", "--no-verify"]
@@ -55,16 +53,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
     shutil.copytree(Path(__file__).resolve().parents[2] / "app", source,
                     ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))  # fmt: skip
     os.environ["PAYCTL_APP_SOURCE"] = str(source)
-    with LOCK.open("a") as fh:
-        deadline = time.monotonic() + 1200  # other lab test modules may hold it for minutes
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"another lab test run held {LOCK} for 20 minutes")
-                time.sleep(1)
+    with exclusive_lab(timeout=1200):
         try:
             lab.lab_up(inv, home)
             yield Deployed(home, inv)

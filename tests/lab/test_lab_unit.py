@@ -143,8 +143,9 @@ def _up_state(nodes: list[lab.NodeLayout], home: Path) -> lab.LabState:
     for n in nodes:
         node_states[n.node] = lab.NodeState(
             namespace=True, veth=True, veth_master="brpl", veth_up=True, eth0=True, eth0_up=True,
-            eth0_addresses=frozenset({f"{n.address}/24"}), lo_up=True, marker=True, ssh_dir=True, host_key=True,
-            host_public_key=None, sshd_config=lab.render_sshd_config(n), authorized_keys="ssh-ed25519 AAAA lab\n",
+            eth0_addresses=frozenset({f"{n.address}/24"}), lo_up=True, marker=True, owner=str(home.absolute()),
+            ssh_dir=True, host_key=True, host_public_key=None, sshd_config=lab.render_sshd_config(n),
+            authorized_keys="ssh-ed25519 AAAA lab\n",
             cgroup_dirs=frozenset(V1.dirs(n.cgroup)), cgroup_limits=V1.limits(n.cgroup, n.cpus, n.memory_bytes),
             sshd_pid=4242, pids=(4242,),
         )  # fmt: skip
@@ -229,6 +230,33 @@ def test_a_prefix_with_foreign_content_is_never_adopted(tmp_path: Path) -> None:
     foreign = replace(state, nodes={"node1": replace(state.nodes["node1"], prefix_foreign=True)})
     with pytest.raises(PayctlError, match=f"prefix {nodes[0].prefix} already exists with content"):
         lab.plan_keys(nodes, tmp_path, foreign)
+
+
+def test_lab_hosts_made_from_another_home_are_refused_unless_forced(tmp_path: Path) -> None:
+    """A lab left up by another PAYCTL_HOME holds that home's deployment: adopting it would run with the wrong
+    secrets, so up refuses, and down refuses to delete its data without --force."""
+    nodes = lab.layout(load_inventory("lab-1node"))
+    state = _up_state(nodes, tmp_path / "other")
+    with pytest.raises(PayctlError) as err:
+        lab.plan_keys(nodes, tmp_path, state)
+    assert f"node1 ({nodes[0].prefix}) belongs to PAYCTL_HOME={tmp_path / 'other'}" in err.value.message
+    assert "payctl lab down --force" in (err.value.hint or "")
+    with pytest.raises(PayctlError, match="another PAYCTL_HOME"):
+        lab.plan_down(nodes, tmp_path, state, V1)
+    forced = lab.plan_down(nodes, tmp_path, state, V1, force=True)
+    assert f"remove prefix {nodes[0].prefix}" in [s.why for s in forced]
+    old = replace(state, nodes={"node1": replace(state.nodes["node1"], owner=None)})  # marker from before homes
+    with pytest.raises(PayctlError, match="another PAYCTL_HOME"):
+        lab.plan_keys(nodes, tmp_path, old)
+
+
+def test_marker_records_the_home_and_is_read_back(tmp_path: Path) -> None:
+    node = lab.layout(load_inventory("lab-1node"))[0]
+    text = lab._marker_text(node, tmp_path)
+    assert lab._marker_owner(node, text) == (True, str(tmp_path))
+    assert lab._marker_owner(node, "pl-lab-node1\n") == (True, None)
+    assert lab._marker_owner(node, "pl-lab-node2\nhome: /x\n") == (False, None)
+    assert lab._marker_owner(node, None) == (False, None)
 
 
 def test_runner_raises_deploy_error_naming_command_and_stderr(tmp_path: Path) -> None:

@@ -22,7 +22,9 @@ import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -52,14 +54,25 @@ def _acquire(timeout: float) -> IO[str]:
             time.sleep(1)
 
 
+def clear_leftover_lab() -> None:
+    """Remove lab hosts that nobody in a test holds (we hold the lab lock): a lab left up by ``payctl lab up``, by
+    the README's demo, or by a killed test run carries another home's deployment and secrets, and a test that adopted
+    it would run against that. lab-2node names every bundled lab host (node1, node2, witness)."""
+    with tempfile.TemporaryDirectory(prefix="payctl-lab-clear-") as scratch:
+        steps = lab.lab_down(load_inventory("lab-2node"), Path(scratch), force=True)
+    if steps:
+        warnings.warn(f"removed a lab left up on this machine ({len(steps)} steps)", stacklevel=2)
+
+
 @contextmanager
 def exclusive_lab(timeout: float = 1800) -> Iterator[None]:
     """Hold the machine's lab for a whole test module. Every test that brings a lab up (10.77.0.0/24 is one network
     per machine) holds this, so two pytest runs never tear down each other's lab hosts. A shared deployment held by
-    this process is torn down first."""
+    this process is torn down first, then any lab left on the machine."""
     MANAGER.release()
     fh = _acquire(timeout)
     try:
+        clear_leftover_lab()
         yield
     finally:
         fcntl.flock(fh, fcntl.LOCK_UN)
@@ -105,6 +118,7 @@ class _Manager:
         home = factory.mktemp(f"shared-{inventory}")
         self._lock = _acquire(1800)
         try:
+            clear_leftover_lab()
             lab.lab_up(inv, home)
             self.current = SharedLab(inventory, home, inv, 0)  # torn down by release() even if the apply fails
             self._apply(home, inventory, phase)

@@ -244,8 +244,37 @@ def layout(inventory: LabInventory) -> list[NodeLayout]:
     return nodes
 
 
-def _marker_text(node: NodeLayout) -> str:
-    return f"{node.namespace}\n"
+def _marker_text(node: NodeLayout, home: Path) -> str:
+    """The marker names the node's namespace and the PAYCTL_HOME that made it (its secrets and SSH key live there)."""
+    return f"{node.namespace}\nhome: {home.absolute()}\n"
+
+
+def _marker_owner(node: NodeLayout, text: str | None) -> tuple[bool, str | None]:
+    """(is this node's marker, the home recorded in it; None for a marker written before homes were recorded)."""
+    if text is None:
+        return False, None
+    lines = text.splitlines()
+    if not lines or lines[0] != node.namespace:
+        return False, None
+    homes = [line.removeprefix("home: ") for line in lines[1:] if line.startswith("home: ")]
+    return True, (homes[0] if homes else None)
+
+
+def _foreign_owners(nodes: Sequence[NodeLayout], home: Path, state: LabState) -> list[str]:
+    mine = str(home.absolute())
+    return [
+        f"{n.node} ({n.prefix}) belongs to PAYCTL_HOME={state.nodes[n.node].owner or 'unknown (an older payctl)'}"
+        for n in nodes
+        if state.nodes[n.node].marker and state.nodes[n.node].owner != mine
+    ]
+
+
+def _owned_elsewhere(problems: list[str]) -> PayctlError:
+    return DeployError(
+        f"lab hosts made from another PAYCTL_HOME (their secrets and SSH key live there): {'; '.join(problems)}",
+        hint="tear them down from that home (`PAYCTL_HOME=<that home> payctl lab down -i INV`), or remove them with "
+        "their data: `payctl lab down --force -i INV`",
+    )
 
 
 def render_sshd_config(node: NodeLayout) -> str:
@@ -352,6 +381,7 @@ class NodeState:
     eth0_addresses: frozenset[str] = frozenset()
     lo_up: bool = False
     marker: bool = False  # the prefix holds this node's .payctl-lab marker
+    owner: str | None = None  # the PAYCTL_HOME recorded in that marker
     prefix_foreign: bool = False  # the prefix exists with content but without this node's marker
     ssh_dir: bool = False
     host_key: bool = False
@@ -449,7 +479,7 @@ def observe(nodes: Sequence[NodeLayout], home: Path, cgroups: Cgroups, runner: R
             {d["ifname"]: d for d in _ip_json(runner, "-n", node.namespace, "addr", "show")} if ns_present else {}
         )
         eth0, lo = ns_links.get("eth0"), ns_links.get("lo")
-        marker = _read(node.prefix / MARKER) == _marker_text(node)
+        marker, owner = _marker_owner(node, _read(node.prefix / MARKER))
         pids = _ns_pids(runner, node.namespace) if ns_present else ()
         existing_dirs = frozenset(d for d in cgroups.dirs(node.cgroup) if d.is_dir())
         limits = {p: (_read(p) or "").strip() for p in cgroups.limits(node.cgroup, 1, 1) if p.parent.is_dir()}
@@ -463,6 +493,7 @@ def observe(nodes: Sequence[NodeLayout], home: Path, cgroups: Cgroups, runner: R
             eth0_addresses=_addresses(eth0),
             lo_up=_is_up(lo),
             marker=marker,
+            owner=owner,
             prefix_foreign=not marker and node.prefix.is_dir() and any(node.prefix.iterdir()),
             ssh_dir=node.ssh_dir.is_dir(),
             host_key=node.host_key.is_file(),
@@ -524,12 +555,15 @@ def plan_keys(nodes: Sequence[NodeLayout], home: Path, state: LabState) -> list[
             hint=f"lab down deletes a lab node's prefix: give the node a prefix of its own (it gets a {MARKER} "
             "marker), or empty that directory if it is a leftover",
         )
+    elsewhere = _foreign_owners(nodes, home, state)
+    if elsewhere:
+        raise _owned_elsewhere(elsewhere)
     for node in nodes:
         st = state.nodes[node.node]
         if not st.marker:
             steps += [
                 MakeDir(node.prefix, f"create {node.node}'s prefix {node.prefix}"),
-                WriteFile(node.prefix / MARKER, _marker_text(node), f"mark {node.prefix} as a lab prefix"),
+                WriteFile(node.prefix / MARKER, _marker_text(node, home), f"mark {node.prefix} as a lab prefix"),
             ]
         if not st.ssh_dir:
             steps.append(MakeDir(node.ssh_dir, f"create {node.ssh_dir}", 0o700))
@@ -646,7 +680,14 @@ def _known_hosts_text(nodes: Sequence[NodeLayout], home: Path, state: LabState) 
     return None if text == current else text
 
 
-def plan_down(nodes: Sequence[NodeLayout], home: Path, state: LabState, cgroups: Cgroups) -> list[Step]:
+def plan_down(
+    nodes: Sequence[NodeLayout], home: Path, state: LabState, cgroups: Cgroups, *, force: bool = False
+) -> list[Step]:
+    """Everything the lab made for these nodes, in teardown order. Nodes made from another PAYCTL_HOME are refused
+    unless ``force`` (their data and secrets are someone else's)."""
+    elsewhere = _foreign_owners(nodes, home, state)
+    if elsewhere and not force:
+        raise _owned_elsewhere(elsewhere)
     steps: list[Step] = []
     for node in nodes:
         st = state.nodes[node.node]
@@ -860,16 +901,19 @@ def lab_down(
     runner: Runner = run_command,
     progress: Progress = _noop,
     stop_timeout: float = 10.0,
+    *,
+    force: bool = False,
 ) -> list[Step]:
     """Stop everything inside the lab's namespaces and remove only what the lab created; returns the steps taken.
 
-    Processes get SIGTERM, and SIGKILL when still there after ``stop_timeout`` seconds.
+    Processes get SIGTERM, and SIGKILL when still there after ``stop_timeout`` seconds. Nodes made from another
+    PAYCTL_HOME are refused unless ``force``.
     """
     require_root("down")
     nodes = layout(inventory)
     cgroups = detect_cgroups()
     with _lab_lock():
-        steps = plan_down(nodes, home, observe(nodes, home, cgroups, runner), cgroups)
+        steps = plan_down(nodes, home, observe(nodes, home, cgroups, runner), cgroups, force=force)
         _run_steps(steps, runner, progress, stop_timeout)
         return steps
 

@@ -49,12 +49,17 @@ def up(inventory: str = _INVENTORY) -> None:
 
 
 @lab_app.command("down")
-def down(inventory: str = _INVENTORY) -> None:
+def down(
+    inventory: str = _INVENTORY,
+    force: bool = typer.Option(
+        False, "--force", help="Also remove lab hosts made from another PAYCTL_HOME, with all their data."
+    ),
+) -> None:
     """Stop every process in the lab hosts and remove their namespaces, links, cgroups and prefixes. No prompt."""
     inv = load_inventory(inventory)
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"lab down: deployment [bold]{inv.deployment}[/], {len(inv.nodes)} node(s)")
-    steps = lab.lab_down(inv, _home(), progress=_printer(out))
+    steps = lab.lab_down(inv, _home(), progress=_printer(out), force=force)
     out.print(f"{len(steps)} change(s)" if steps else "already down: nothing to remove")
 
 
