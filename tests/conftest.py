@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.labs import MANAGER, SharedLab, shared_lab_key
+from tests.support.labs import MANAGER, SharedLab, shared_lab_key, shared_lab_order
 from tests.support.services import MariaDB, Redis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,16 +17,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "shared_lab(inventory, phase): use the session's shared lab deployment (tests/support/labs.py)"
+        "markers",
+        "shared_lab(inventory, phase, order=0): use the session's shared lab deployment (tests/support/labs.py)",
     )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests on a shared lab deployment go last, grouped by (inventory, phase), lower phases first: each deployment
-    is made once and a higher phase is applied on top of a lower one (sorted() is stable: file order within a group).
-    """
+    """Tests on a shared lab deployment go last, grouped by (phase, inventory, order), lower phases first: each
+    deployment is made once and grows in place (sorted() is stable: file order within a group)."""
     own = [item for item in items if shared_lab_key(item) is None]
-    shared = sorted((item for item in items if shared_lab_key(item) is not None), key=shared_lab_key)  # type: ignore[arg-type]
+    shared = sorted((item for item in items if shared_lab_key(item) is not None), key=shared_lab_order)
     items[:] = own + shared
 
 
@@ -51,6 +51,7 @@ def shared_lab(
         pytest.fail("the shared_lab fixture needs @pytest.mark.shared_lab(inventory, phase)")
     deployment = MANAGER.get(key[0], key[1], tmp_path_factory)
     monkeypatch.setenv("PAYCTL_HOME", str(deployment.home))
+    monkeypatch.setenv("PAYCTL_APP_SOURCE", str(deployment.app_source))
     return deployment
 
 

@@ -5,9 +5,9 @@ node1 and node2), each under a bounded payment loop through nginx at 10.77.0.11 
 2. a release whose /health always answers 503: node2 (first in the order) is rolled back automatically, the command
    exits 1 naming the node, node1 is not touched, 0 failed requests;
 3. `payctl rollback`: every node back to the release it had at the start, 0 failed requests; the failed and the
-   rolled-back releases are gone; a phase 5 re-apply from the checkout then changes nothing and adds no release.
+   rolled-back releases are gone; a phase 5 re-apply of that release then changes nothing and adds no release.
 
-The tests run in file order on one deployment and leave it as they found it (the checkout's release current).
+The tests run in file order on one deployment and leave it as they found it (the release it was made with current).
 payctl runs as a subprocess, like the shared deployment's own apply: the same code reads the same secrets file.
 """
 
@@ -17,24 +17,18 @@ import hashlib
 import json
 import os
 import shutil
-import threading
-import time
-import urllib.error
-import urllib.request
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from payctl.wheelhouse import source_files
 from tests.support.labs import SharedLab
+from tests.support.loads import Load
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.shared_lab("lab-2node", 5)]
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.shared_lab("lab-2node", 5, order=1)]
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = {"node1": Path("/var/lib/payctl-lab/node1"), "node2": Path("/var/lib/payctl-lab/node2")}
-LB = "http://10.77.0.11"
 NGINX_CONF = PREFIX["node1"] / "nginx" / "nginx.conf"
 START: dict[str, str] = {}  # the release current on each node before the first test
 
@@ -71,58 +65,6 @@ def app_copy(tmp: Path, version: str, *, break_health: bool = False) -> Path:
     return dest
 
 
-def authorize(merchant: str) -> tuple[int, str]:
-    body = {"merchantId": merchant, "amount": 1000, "currency": "KRW", "idempotencyKey": uuid.uuid4().hex}
-    req = urllib.request.Request(f"{LB}/payments/authorize", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, str(json.loads(resp.read()).get("paymentId", ""))
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()[:200]
-
-
-@dataclass
-class Load:
-    """At most ``limit`` payments at about ``rps`` per second through nginx, each result recorded (bounded in count
-    and in time)."""
-
-    rps: float = 20
-    limit: int = 8000
-    max_s: float = 300
-    acked: int = 0
-    failed: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def _loop(self) -> None:
-        start = time.monotonic()
-        for i in range(self.limit):
-            if self.stop.is_set() or time.monotonic() - start > self.max_s:
-                return
-            try:
-                code, detail = authorize(f"m-upgrade-{i % 20}")
-            except OSError as exc:
-                code, detail = 0, repr(exc)
-            if code in (200, 201):
-                self.acked += 1
-            else:
-                self.failed.append(f"{code} {detail}")
-            delay = start + (i + 1) / self.rps - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-
-    def __enter__(self) -> Load:
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-        time.sleep(1)  # traffic flows before the command starts
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        time.sleep(1)  # and after it ends
-        self.stop.set()
-        self.thread.join(30)
-
-
 def node_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(("node1: ", "node2: "))]
 
@@ -133,13 +75,13 @@ def test_upgrade_under_load_has_no_failed_request(
     START.update({n: current(n) for n in PREFIX})
     nginx_before = digest(NGINX_CONF)
     monkeypatch.setenv("PAYCTL_APP_SOURCE", str(app_copy(tmp_path, "0.1.1")))
-    with Load() as load:
+    with Load(limit=8000, max_s=300, merchant="m-upgrade", settle_s=1) as load:
         out = shared_lab.payctl("upgrade", "-i", "lab-2node", "--yes")
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     print(out.stdout)
-    print(f"upgrade under load: {load.acked} acknowledged, {len(load.failed)} failed")
+    print(f"upgrade under load: {len(load.acked)} acknowledged, {len(load.failed)} failed")
     assert load.failed == [], load.failed[:5]
-    assert load.acked > 100
+    assert len(load.acked) > 100
     for node in ("node2", "node1"):  # the node order: node1 (LB and primary) last
         now = current(node)
         assert now != START[node] and now.split("-")[0] > START[node].split("-")[0]
@@ -159,7 +101,7 @@ def test_a_release_that_fails_its_health_check_is_rolled_back_on_the_first_node(
     kept = {n: on_node(n) for n in PREFIX}
     nginx_before = digest(NGINX_CONF)
     monkeypatch.setenv("PAYCTL_APP_SOURCE", str(app_copy(tmp_path, "0.1.2", break_health=True)))
-    with Load() as load:
+    with Load(limit=8000, max_s=300, merchant="m-upgrade", settle_s=1) as load:
         out = shared_lab.payctl("upgrade", "-i", "lab-2node", "--yes", "--health-timeout", "10")
     assert out.returncode == 1, out.stderr[-3000:] + out.stdout[-3000:]
     print(out.stderr)
@@ -167,7 +109,7 @@ def test_a_release_that_fails_its_health_check_is_rolled_back_on_the_first_node(
     assert "error: upgrade stopped at node2: " in err and "was not healthy within 10s" in err, err
     assert f"node2 runs {good['node2']} again and is back in the load balancer" in err, err
     assert "nodes after node2 were not touched" in err
-    print(f"failed release under load: {load.acked} acknowledged, {len(load.failed)} failed")
+    print(f"failed release under load: {len(load.acked)} acknowledged, {len(load.failed)} failed")
     assert load.failed == [], load.failed[:5]
     assert {n: current(n) for n in PREFIX} == good
     assert {n: on_node(n) for n in PREFIX} == kept  # the failed release was deleted from node2
@@ -180,19 +122,19 @@ def test_rollback_returns_every_node_to_its_previous_release_and_apply_then_chan
     shared_lab: SharedLab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert START, "runs after the upgrade test"
-    monkeypatch.delenv("PAYCTL_APP_SOURCE", raising=False)
+    monkeypatch.setenv("PAYCTL_APP_SOURCE", str(shared_lab.app_source))  # the release the deployment was made with
     upgraded = {n: current(n) for n in PREFIX}
-    with Load() as load:
+    with Load(limit=8000, max_s=300, merchant="m-upgrade", settle_s=1) as load:
         out = shared_lab.payctl("rollback", "-i", "lab-2node", "--yes")
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     print(out.stdout)
-    print(f"rollback under load: {load.acked} acknowledged, {len(load.failed)} failed")
+    print(f"rollback under load: {len(load.acked)} acknowledged, {len(load.failed)} failed")
     assert load.failed == [], load.failed[:5]
     assert {n: current(n) for n in PREFIX} == START
     for node in PREFIX:
         assert f"{node}: {upgraded[node]} -> {START[node]}" in out.stdout
         assert upgraded[node] not in on_node(node)  # the release left behind is deleted
-    # The checkout's release is current again: a phase apply sees nothing to do and installs no release.
+    # The release the deployment was made with is current again: a phase apply has nothing to do, installs no release.
     releases_before = {n: on_node(n) for n in PREFIX}
     out = shared_lab.payctl("phase5", "apply", "-i", "lab-2node", "--yes", "--no-verify")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -9,9 +9,13 @@ their own. A module opts in with::
 
     def test_x(shared_lab: SharedLab) -> None: ...
 
-``tests/conftest.py`` moves those tests to the end of the session, grouped by (inventory, phase) in ascending phase
-order, so each deployment is made once; a higher phase on the same inventory is applied on top of the lower one (the
-path a real deployment takes). A test that leaves the deployment broken calls ``invalidate()``: the next user gets a
+``tests/conftest.py`` moves those tests to the end of the session, grouped by (phase, inventory, order) ascending, so
+each deployment is made once; a higher phase is applied on top of the lower one, and an inventory that adds nodes to
+the current one (lab-2node after lab-1node) grows it: its lab hosts are brought up in the same home and the phase is
+applied, the path a real deployment takes (``payctl phase5 apply`` goes through ``scale add-node``). The marker's
+``order`` keyword (default 0) orders groups of one (phase, inventory): tests/scale/test_lab_add_node.py grows the
+lab-1node phase-4 deployment itself, under load, then hands it over with ``MANAGER.adopt``.
+A test that leaves the deployment broken calls ``invalidate()``: the next user gets a
 fresh lab. The machine-wide lab lock (``exclusive_lab``) is held from the first bring-up until the deployment is torn
 down, and modules that make their own lab release the shared one first (one process never deadlocks on itself).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +42,7 @@ from payctl import lab
 from payctl.inventory import Inventory, load_inventory
 
 LOCK = Path("/run/payctl-lab-tests.lock")
+REPO = Path(__file__).resolve().parents[2]
 PAYCTL = (sys.executable, "-m", "payctl")
 
 
@@ -86,14 +92,24 @@ class SharedLab:
     inventory: Inventory
     phase: int
 
+    @property
+    def app_source(self) -> Path:
+        """A snapshot of app/ taken when the deployment was made: every apply installs the same release even if the
+        checkout is edited meanwhile (a re-apply must find nothing to change)."""
+        return self.home / "app-source"
+
+    def env(self) -> dict[str, str]:
+        """This process's environment for this deployment; a test may point PAYCTL_APP_SOURCE elsewhere."""
+        source = os.environ.get("PAYCTL_APP_SOURCE", str(self.app_source))
+        return {**os.environ, "PAYCTL_HOME": str(self.home), "PAYCTL_APP_SOURCE": source}
+
     def invalidate(self) -> None:
         """The deployment is no longer fit to share (a test broke it on purpose): tear it down now."""
         MANAGER.release()
 
     def payctl(self, *argv: str) -> subprocess.CompletedProcess[str]:
         """Run the payctl CLI as a subprocess against this deployment (output captured)."""
-        env = {**os.environ, "PAYCTL_HOME": str(self.home)}
-        return subprocess.run([*PAYCTL, *argv], capture_output=True, text=True, env=env, timeout=900)
+        return subprocess.run([*PAYCTL, *argv], capture_output=True, text=True, env=self.env(), timeout=900)
 
 
 class _Manager:
@@ -107,31 +123,46 @@ class _Manager:
         cur = self.current
         if cur is not None and cur.name == inventory and cur.phase == phase:
             return cur
-        if cur is not None and cur.name == inventory and cur.phase < phase:
-            self._apply(cur.home, inventory, phase)  # on top of the lower phase, as a real deployment grows
-            self.current = SharedLab(inventory, cur.home, cur.inventory, phase)
-            return self.current
+        inv = load_inventory(inventory)
+        if cur is not None and cur.phase <= phase and (cur.name == inventory or grows(cur.inventory, inv)):
+            try:  # on top of the lower phase / the smaller inventory, as a real deployment grows
+                if cur.name != inventory:
+                    lab.lab_up(inv, cur.home)
+                grown = SharedLab(inventory, cur.home, inv, phase)
+                self._apply(grown, inventory, phase)
+            except BaseException:
+                self.release()
+                raise
+            self.current = grown
+            return grown
         self.release()
         if os.geteuid() != 0:
             pytest.fail("the lab tests need root (CI runs them as root)")
-        inv = load_inventory(inventory)
         home = factory.mktemp(f"shared-{inventory}")
         self._lock = _acquire(1800)
         try:
             clear_leftover_lab()
-            lab.lab_up(inv, home)
             self.current = SharedLab(inventory, home, inv, 0)  # torn down by release() even if the apply fails
-            self._apply(home, inventory, phase)
+            shutil.copytree(REPO / "app", self.current.app_source,
+                            ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))  # fmt: skip
+            lab.lab_up(inv, home)
+            self._apply(self.current, inventory, phase)
         except BaseException:
             self.release()
             raise
         self.current = SharedLab(inventory, home, inv, phase)
         return self.current
 
+    def adopt(self, deployment: SharedLab) -> None:
+        """A test grew the current deployment itself (e.g. add-node under load): later users get this one."""
+        if self.current is None or self.current.home != deployment.home:
+            raise AssertionError("adopt() takes the current shared deployment, grown in place")
+        self.current = deployment
+
     @staticmethod
-    def _apply(home: Path, inventory: str, phase: int) -> None:
-        env = {**os.environ, "PAYCTL_HOME": str(home)}
+    def _apply(deployment: SharedLab, inventory: str, phase: int) -> None:
         argv = [*PAYCTL, f"phase{phase}", "apply", "-i", inventory, "--yes", "--no-verify"]
+        env = {**deployment.env(), "PAYCTL_APP_SOURCE": str(deployment.app_source)}
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
         if proc.returncode != 0:
             raise AssertionError(
@@ -154,9 +185,26 @@ class _Manager:
 MANAGER = _Manager()
 
 
+def grows(smaller: Inventory, larger: Inventory) -> bool:
+    """``larger`` is ``smaller`` plus nodes: same deployment, and every node of ``smaller`` in it unchanged."""
+    return (
+        smaller.deployment == larger.deployment
+        and len(larger.nodes) > len(smaller.nodes)
+        and all(node in larger.nodes for node in smaller.nodes)
+    )
+
+
 def shared_lab_key(item: pytest.Item) -> tuple[str, int] | None:
     marker = item.get_closest_marker("shared_lab")
     if marker is None:
         return None
     inventory, phase = marker.args
     return str(inventory), int(phase)
+
+
+def shared_lab_order(item: pytest.Item) -> tuple[int, str, int]:
+    """Where a shared-lab test runs: by phase, then inventory, then the marker's ``order`` (default 0)."""
+    marker = item.get_closest_marker("shared_lab")
+    assert marker is not None
+    inventory, phase = marker.args
+    return int(phase), str(inventory), int(marker.kwargs.get("order", 0))
