@@ -82,7 +82,8 @@ def steps(plan: Plan, node: str) -> list[tuple[str, str, str, str]]:
     if topo.sentinels:
         n = len(topo.sentinels)
         out.append(("sentinels", ", ".join(topo.sentinels),
-                    f"wait until the {n} Sentinels name the same Redis master ({topo.redis_master}), quorum "
+                    f"wait until the {n} Sentinels name the same Redis master (planned: {topo.redis_master}; "
+                    "a failover the converge causes may move it), quorum "
                     f"{topo.sentinel_quorum}, each seeing the other {n - 1}",
                     "none (a check)"))  # fmt: skip
     return out
