@@ -73,10 +73,38 @@ def test_phase5_apply_adds_a_missing_node_through_scale(
     assert asked == []
 
 
+def test_a_fresh_phase5_apply_deploys_the_first_node_then_adds_the_others(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, home: Path
+) -> None:
+    """Nothing runs yet (``scale.fresh_nodes`` answers node2): a plain phase-5 apply would give node2 an empty,
+    unreplicated database and an observer controller, so the CLI applies phase 4 (the first node only) and then
+    adds node2 with scale add-node. Seams: the engine's apply and add-node (both exercised in the lab tests)."""
+    from payctl import deploy
+    from payctl.cli import apply as cli_apply
+    from payctl.cli import scale as cli_scale
+
+    calls: list[str] = []
+
+    def fake_apply(req: deploy.ApplyRequest, hooks: object) -> deploy.ApplyResult:
+        calls.append(f"apply phase {req.phase}")
+        return deploy.ApplyResult(deploy.Preview(req.inventory.deployment, req.phase, False, []), applied=True)
+
+    monkeypatch.setattr(scale, "nodes_to_add", lambda *a, **k: ())
+    monkeypatch.setattr(scale, "fresh_nodes", lambda *a, **k: ("node2",))
+    monkeypatch.setattr(cli_apply.deploy, "apply", fake_apply)
+    monkeypatch.setattr(cli_scale, "add_node_cmd", lambda inv, node, dry, yes: calls.append(f"add-node {node}"))
+    rc = run(["phase5", "apply", "-i", "ktcloud-2node", "--yes", "--no-verify"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert calls == ["apply phase 4", "add-node node2"]
+    assert out.splitlines()[0] == "fresh deployment: phase 4 on the first node, then payctl scale add-node adds node2"
+
+
 def test_phase5_dry_run_of_a_fake_deployment_asks_no_host(home: Path) -> None:
     from payctl.inventory import load_inventory
 
     assert scale.nodes_to_add(load_inventory("ktcloud-2node"), home, dry_run=True) == ()
+    assert scale.fresh_nodes(load_inventory("ktcloud-2node"), home, dry_run=True) == ()
 
 
 @pytest.mark.parametrize(

@@ -195,18 +195,29 @@ def _live(inv: Inventory, home: Path, fake: bool) -> LiveRoles:
 def nodes_to_add(inv: Inventory, home: Path, *, dry_run: bool = False) -> tuple[str, ...]:
     """The app nodes of the inventory that do not run the deployment yet while another node does: a running smaller
     deployment, to which ``payctl phase5 apply`` adds them with ``add_node`` (a replica seeded online, not a fresh
-    database). Empty for a fresh deployment (a plain apply deploys every node) and for a dry run with the fake
-    connector (which learns nothing from the hosts)."""
+    database). Empty for a fresh deployment (see ``fresh_nodes``) and for a dry run with the fake connector (which
+    learns nothing from the hosts)."""
+    live, missing = _live_and_missing(inv, home, dry_run=dry_run)
+    return missing if live else ()
+
+
+def fresh_nodes(inv: Inventory, home: Path, *, dry_run: bool = False) -> tuple[str, ...]:
+    """For a deployment that runs nowhere yet: the app nodes beyond the first. A plain phase-5 apply would give each
+    its own empty database and leave its Kafka controller an observer, so ``payctl phase5 apply`` deploys the first
+    node (phase 4) and then adds these with ``add_node``, the path a running deployment takes."""
+    live, missing = _live_and_missing(inv, home, dry_run=dry_run)
+    return () if live else missing[1:]
+
+
+def _live_and_missing(inv: Inventory, home: Path, *, dry_run: bool) -> tuple[set[str], tuple[str, ...]]:
     if dry_run and not hosts.is_lab(inv):
-        return ()
+        return set(), ()
     prefixes = {n.name: inv.node_prefix(n.name) for n in inv.nodes}
     addresses = {n.name: n.private_address for n in inv.nodes}
     with hosts.connect(inv, home) as conn:
         facts = deploy.gather_facts(conn, prefixes, addresses)
     live = {n for n, f in facts.items() if f.live}
-    if not live:
-        return ()
-    return tuple(n.name for n in inv.nodes if "app" in n.roles and n.name not in live)
+    return live, tuple(n.name for n in inv.nodes if "app" in n.roles and n.name not in live)
 
 
 def add_node(req: AddNodeRequest, hooks: Hooks) -> AddNodeResult:
@@ -266,15 +277,13 @@ def add_node(req: AddNodeRequest, hooks: Hooks) -> AddNodeResult:
 def _with_lock(req: AddNodeRequest, plan: AddNodePlan, nodes: list[str], redact: Callable[[str], str],
                work: Callable[[hosts.Connected], object]) -> object:  # fmt: skip
     inv = req.inventory
-    with hosts.connect(inv, req.home, nodes=nodes, redact=redact) as conn:
-        first = plan.primary
-        shell = deploy.shell_of(conn.host(first))
-        held = lock.new_info(inv.deployment, req.command)
-        lock.acquire(shell, inv.node_prefix(first), held, node=first)
+    with hosts.connect(inv, req.home, nodes=nodes, redact=redact) as conn, \
+            hosts.node_shells(inv, req.home, conn=conn) as open_shell:  # fmt: skip
+        held = lock.take(deploy.lock_nodes(inv), open_shell, lock.new_info(inv.deployment, req.command))
         try:
             return work(conn)
         finally:
-            lock.release(shell, inv.node_prefix(first), held)
+            lock.give_back(held)
 
 
 def _accounts(req: AddNodeRequest, plan: AddNodePlan, by_node: Mapping[str, Mapping[str, str]], hooks: Hooks,

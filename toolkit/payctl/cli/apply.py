@@ -121,6 +121,18 @@ def _apply(phase: int, inventory: str, dry_run: bool, yes: bool, no_verify: bool
         )
     if only is None and load_phase(phase).has("second_node"):
         adding = scale.nodes_to_add(inv, _home(), dry_run=dry_run)
+        fresh = () if adding else scale.fresh_nodes(inv, _home(), dry_run=dry_run)
+        if fresh:
+            # Nothing runs yet: the first node at phase 4, then the others join as a running deployment's would
+            # (seeded replica, KRaft voters, Sentinels); a plain apply would leave them unreplicated observers.
+            console.print(f"fresh deployment: phase 4 on the first node, then payctl scale add-node adds "
+                          f"{', '.join(fresh)}", markup=False)  # fmt: skip
+            _apply(4, inventory, dry_run, yes, True, None, break_lock)
+            if dry_run:  # add-node plans from the running first node: nothing to show before it runs
+                console.print(f"dry run: then payctl scale add-node -i {inventory} --node NODE for {', '.join(fresh)}",
+                              markup=False)  # fmt: skip
+                return
+            adding = fresh
         if adding:
             # A running smaller deployment grows through `payctl scale add-node` (online replica seed, LB, Sentinels).
             from payctl.cli.scale import add_node_cmd
@@ -149,8 +161,8 @@ def _apply(phase: int, inventory: str, dry_run: bool, yes: bool, no_verify: bool
                           hint=left) from None  # fmt: skip
     finally:
         hooks.stop()
-    if result.lock_broken is not None:
-        console.print(f"[yellow]broke the deploy lock of[/] {result.lock_broken.describe()}")
+    for node, info in result.lock_broken:
+        console.print(f"[yellow]broke the deploy lock of[/] {info.describe()} [yellow]on[/] {node}")
     if dry_run:
         fake = " (fake connector: no host contacted)" if result.preview.fake else ""
         console.print(f"[bold]dry run[/]{fake}: operations phase {phase} would run")
@@ -213,42 +225,67 @@ def _phase_app(phase: int) -> typer.Typer:
     return group
 
 
-lock_app = typer.Typer(help="The deploy lock of a deployment (held on its first node during an apply).",
-                       no_args_is_help=True)  # fmt: skip
+lock_app = typer.Typer(help="The deploy lock of a deployment (held on its first node that answers SSH while a "
+                       "command changes it).", no_args_is_help=True)  # fmt: skip
 
 
 @contextmanager
-def _first_node(inventory: str) -> Iterator[tuple[str, str, lock.Shell]]:
+def _lock_view(inventory: str) -> Iterator[tuple[list[lock.NodeLock], lock.Opener]]:
+    """Every node's lock file (a node that does not answer says why) and the shells to change them."""
     inv = load_inventory(inventory)
-    node = inv.nodes[0].name
-    with hosts.connect(inv, _home(), nodes=[node]) as conn:
-        yield node, inv.node_prefix(node), deploy.shell_of(conn.host(node))
+    with hosts.node_shells(inv, _home()) as open_shell:
+        yield lock.survey(deploy.lock_nodes(inv), open_shell), open_shell
+
+
+def _show_down(console: Console, view: list[lock.NodeLock]) -> None:
+    for v in view:
+        if v.down:
+            console.print(f"{v.node} does not answer: {v.down}", markup=False)
+
+
+def _checked(view: list[lock.NodeLock]) -> str:
+    return ", ".join(v.node for v in view if not v.down) or "no node answers"
 
 
 @lock_app.command("status")
 def lock_status(inventory: str = _INVENTORY) -> None:
-    """Who holds the deploy lock, if anyone."""
-    with _first_node(inventory) as (node, prefix, shell):
-        info = lock.status(shell, prefix)
+    """Who holds the deploy lock, if anyone, on every node that answers (a lock left on a later node while the first
+    did not answer shows too). Example: payctl lock status -i lab-2node"""
     console = Console(highlight=False, soft_wrap=True)
-    console.print(f"locked on {node} by {info.describe()}" if info else f"not locked (checked on {node})")
+    with _lock_view(inventory) as (view, _):
+        pass
+    _show_down(console, view)
+    where = lock.placement(view)
+    for v in view:
+        if v.info is not None:
+            stale = "" if v is where else f" (not the first node that answers: {where.node if where else '-'})"
+            console.print(f"locked on {v.node} by {v.info.describe()}{stale}", markup=False)
+    if not any(v.info for v in view):
+        console.print(f"not locked (checked on {_checked(view)})", markup=False)
+    if where is not None and where is not view[0]:
+        console.print(f"a command run now takes the lock on {where.node} (with --break-lock: {view[0].node} does not "
+                      "answer)", markup=False)  # fmt: skip
 
 
 @lock_app.command("release")
 def lock_release(inventory: str = _INVENTORY, yes: bool = typer.Option(False, "--yes", "-y")) -> None:
-    """Remove the deploy lock (when the apply that held it died)."""
+    """Remove the deploy lock on every node that answers (when the command that held it died).
+    Example: payctl lock release -i lab-2node --yes"""
     if not yes and not sys.stdin.isatty():
         raise ConfigError("payctl lock release asks first, but stdin is not a terminal", hint="add --yes")
     console = Console(highlight=False, soft_wrap=True)
-    with _first_node(inventory) as (node, prefix, shell):
-        info = lock.status(shell, prefix)
-        if info is None:
-            console.print(f"not locked (checked on {node})")
+    with _lock_view(inventory) as (view, open_shell):
+        _show_down(console, view)
+        held = [v for v in view if v.info is not None]
+        if not held:
+            console.print(f"not locked (checked on {_checked(view)})", markup=False)
             return
-        if not yes and not typer.confirm(f"Remove the lock of {info.describe()}?", default=False):
-            raise typer.Exit(1)
-        lock.release_any(shell, prefix)
-    console.print(f"released the lock of {info.describe()}")
+        for v in held:
+            assert v.info is not None
+            if not yes and not typer.confirm(f"Remove the lock of {v.info.describe()} on {v.node}?", default=False):
+                raise typer.Exit(1)
+            lock.release_any(open_shell(v.node), v.prefix)
+            console.print(f"released the lock of {v.info.describe()} on {v.node}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
