@@ -355,6 +355,6 @@ def test_kill_db_primary_kills_keeps_it_down_then_promotes() -> None:
     assert f.killed == {"payctl-mariadb": (700,)} and f.detail == "killed payctl-mariadb pid 700; node2 promoted"
 
 
-def test_kill_db_primary_is_refused_until_it_ran_on_a_replicated_lab() -> None:
-    with pytest.raises(ConfigError, match=r"drill kill-db-primary: written \(payctl.drilldb\) but not yet run"):
-        drill.DrillSpec("kill-db-primary")
+def test_disk_full_is_refused_as_not_built() -> None:
+    with pytest.raises(ConfigError, match=r"drill disk-full: a small filesystem"):
+        drill.DrillSpec("disk-full")

@@ -36,6 +36,7 @@ from tests.support.loads import Load, authorize
 # (order 2): they leave the deployment changed (primaries moved, node2's MariaDB fenced).
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.shared_lab("lab-2node", 5)]
 LATER = pytest.mark.shared_lab("lab-2node", 5, order=2)
+LAST = pytest.mark.shared_lab("lab-2node", 5, order=4)  # after the kill-db-primary drill (tests/drills, order 3)
 
 NODE1 = Path("/var/lib/payctl-lab/node1")
 NODE2 = Path("/var/lib/payctl-lab/node2")
@@ -274,7 +275,7 @@ def test_planned_switchover_under_load(lab_home: Path, capsys: pytest.CaptureFix
     print(f"switchover under load: {len(load.acked)} acknowledged, {len(load.failed)} failed: {load.failed[:3]}")
 
 
-@LATER
+@LAST
 def test_app_stopped_on_node1_lb_serves_from_node2(lab_home: Path) -> None:
     """Stop node1's app (its supervisord): nginx keeps serving every payment from node2 (a refused connection is
     retried on the other upstream: nothing was sent), then marks node1 failed for fail_timeout. Started again, node1
@@ -312,17 +313,20 @@ def test_app_stopped_on_node1_lb_serves_from_node2(lab_home: Path) -> None:
     assert served("10.77.0.11") > before1
 
 
-@LATER
+@LAST
 def test_forced_promotion_when_the_primary_stops(lab_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """After the switchover node2 is the primary. Its MariaDB stopped under the payment loop (its host still answers
-    SSH): `payctl failover db --promote node1 --force` promotes node1 (semi-sync was on, so every acknowledged payment
-    is there), repoints both apps, and rewrites node2's my.cnf for the replica role: it comes back read-only (fenced).
-    Last test of the module: the lab is torn down after it."""
+    """Whichever node is the primary by now (the switchover and the kill-db-primary drill moved it), its MariaDB
+    stopped under the payment loop (its host still answers SSH): `payctl failover db --promote OTHER --force` promotes
+    the other node (semi-sync was on, so every acknowledged payment is there), repoints both apps, and rewrites the
+    old primary's my.cnf for the replica role: it comes back read-only (fenced). Last test of the module."""
+    prefixes = {"node1": NODE1, "node2": NODE2}
+    (old,) = [n for n, p in prefixes.items() if sql(p, "SELECT @@read_only") == "0"]
+    new = "node2" if old == "node1" else "node1"
     with Load(merchant="m-scale") as load:
         time.sleep(3)
-        assert "stopped" in supervisorctl(NODE2, "stop", "payctl-mariadb")
+        assert "stopped" in supervisorctl(prefixes[old], "stop", "payctl-mariadb")
         stopped = time.monotonic()
-        rc = run(["failover", "db", "-i", "lab-2node", "--promote", "node1", "--force", "--yes"])
+        rc = run(["failover", "db", "-i", "lab-2node", "--promote", new, "--force", "--yes"])
         took = time.monotonic() - stopped
         out = capsys.readouterr()
         writes_back = None
@@ -334,18 +338,19 @@ def test_forced_promotion_when_the_primary_stops(lab_home: Path, capsys: pytest.
             time.sleep(0.5)
         time.sleep(3)
     assert rc == 0, out.err[-3000:] + out.out[-2000:]
-    print(f"forced promotion: command {took:.1f} s, writes back {writes_back} s after node2's MariaDB stopped; "
-          f"{len(load.acked)} acknowledged, {len(load.failed)} refused meanwhile: {load.failed[:2]}")  # fmt: skip
-    assert "node1 is the MariaDB primary" in out.out
-    assert "node2 not reachable: fence it on return" in out.out
+    print(f"forced promotion of {new}: command {took:.1f} s, writes back {writes_back} s after {old}'s MariaDB "
+          f"stopped; {len(load.acked)} acknowledged, {len(load.failed)} refused: {load.failed[:2]}")  # fmt: skip
+    assert f"{new} is the MariaDB primary" in out.out
+    assert f"{old} not reachable: fence it on return" in out.out
     assert writes_back is not None
-    assert sql(NODE1, "SELECT @@read_only") == "0"
+    assert sql(prefixes[new], "SELECT @@read_only") == "0"
     ids = ",".join(str(int(p)) for p in load.acked)
-    assert int(sql(NODE1, f"SELECT COUNT(*) FROM payments.payment WHERE payment_id IN ({ids})")) == len(load.acked)
-    # node2 returns fenced: its my.cnf now says replica, so it is read-only and takes no app writes.
-    assert "started" in supervisorctl(NODE2, "start", "payctl-mariadb")
-    sock = NODE2 / "run" / "mariadb.sock"
+    count = sql(prefixes[new], f"SELECT COUNT(*) FROM payments.payment WHERE payment_id IN ({ids})")
+    assert int(count) == len(load.acked)
+    # The old primary returns fenced: its my.cnf now says replica, so it is read-only and takes no app writes.
+    assert "started" in supervisorctl(prefixes[old], "start", "payctl-mariadb")
+    sock = prefixes[old] / "run" / "mariadb.sock"
     deadline = time.monotonic() + 30
     while not sock.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert sql(NODE2, "SELECT @@read_only") == "1"
+    assert sql(prefixes[old], "SELECT @@read_only") == "1"

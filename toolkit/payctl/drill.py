@@ -69,8 +69,6 @@ SCENARIOS: dict[str, ScenarioDef] = {
     )
 }
 NOT_BUILT = {
-    "kill-db-primary": "written (payctl.drilldb) but not yet run on a replicated 2-node lab, so refused until it is "
-    "(see docs/reliability.md)",
     "disk-full": "a small filesystem for the DB or broker in the lab: not built (see docs/reliability.md)",
 }
 
@@ -391,10 +389,11 @@ def run_drill(
             hint="payctl status -i INV; fix it, then drill",
         )
     report_dir.mkdir(parents=True, exist_ok=True)
-    first = plan.nodes[0]
-    shell = (shell_for or _netns_shell)(first.namespace)
-    held = lock.new_info(plan.deployment, command)
-    lock.acquire(shell, first.prefix, held, node=first.name)
+    namespaces = {n.name: n.namespace for n in plan.nodes}
+    open_shell = shell_for or _netns_shell
+    held = lock.take([(n.name, n.prefix) for n in plan.nodes], lambda node: open_shell(namespaces[node]),
+                     lock.new_info(plan.deployment, command))  # fmt: skip
+    shell = held.shell
     started = time.monotonic()
     error = "interrupted or crashed"
     try:
@@ -409,7 +408,7 @@ def run_drill(
             if audit_home is not None:
                 _audit(plan, command, error, time.monotonic() - started, audit_home, inventory_path, shell)
         finally:
-            lock.release(shell, first.prefix, held)
+            lock.give_back(held)
 
 
 def _audit(plan: DrillPlan, command: str, error: str, duration_s: float, home: Path, inventory_path: Path | None,
