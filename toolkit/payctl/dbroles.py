@@ -1,5 +1,8 @@
 """``payctl failover db``: the MariaDB failover of ``payctl.failover`` on a deployment's nodes, then the app repointed.
 
+lock        the deploy lock, on the first node that answers SSH (``payctl.lock.take``): a failover never runs beside
+            an apply. When that node is the dead one, ``--break-lock`` takes it on the next node that answers;
+            one audit line, locally and on the lock's node
 roles       the live roles from the nodes (who is writable now); the nodes that do not answer are listed
 switch      ``failover.switchover`` (--planned) or ``failover.promote`` (--force; the old primary may be gone)
 persist     each DB node's my.cnf rewritten for its new role (the live settings already match: no restart), so a
@@ -14,11 +17,12 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
-from payctl import components, deploy, failover, hosts, scale
+from payctl import audit, components, deploy, failover, hosts, lock, scale
 from payctl.errors import PayctlError
 from payctl.gate import deployed_phase
 from payctl.inventory import Inventory
@@ -29,6 +33,7 @@ from payctl.replication import ReplicaSpec
 from payctl.secrets import load_or_create
 
 Mode = Literal["planned", "force"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,11 +44,46 @@ class FailoverRequest:
     mode: Mode
     home: Path
     command: str
+    break_lock: bool = False
+    #: False when the caller already holds the deploy lock (the kill-db-primary drill runs this under its own).
+    take_lock: bool = True
 
 
 class Progress(Protocol):
     def step(self, node: str | None, step: str) -> None:
         """Progress."""
+
+
+def _locked(inv: Inventory, home: Path, inventory_path: Path | None, command: str, nodes: Sequence[str],
+            break_lock: bool, on_lock: Callable[[lock.Taken], None], work: Callable[[], T]) -> T:  # fmt: skip
+    """``work()`` under the deploy lock (taken as ``payctl.lock.take`` places it), audited locally and on the lock's
+    node; the lock is released however ``work`` ends."""
+    started = time.monotonic()
+    with hosts.node_shells(inv, home) as open_shell:
+        held = lock.take(deploy.lock_nodes(inv), open_shell, lock.new_info(inv.deployment, command),
+                         break_lock=break_lock)  # fmt: skip
+        on_lock(held)
+        error = "interrupted"
+        try:
+            out = work()
+            error = ""
+            return out
+        except PayctlError as exc:
+            error = exc.message
+            raise
+        finally:
+            try:
+                record = audit.AuditRecord(
+                    deployment=inv.deployment, command=command, phase=None, inventory=str(inventory_path or ""),
+                    inventory_sha256=audit.inventory_hash(inventory_path)
+                    if inventory_path and inventory_path.is_file() else "",
+                    nodes=tuple(nodes), result="failed" if error else "ok", error=error,
+                    duration_s=round(time.monotonic() - started, 2),
+                )  # fmt: skip
+                audit.append_local(home, record, lambda t: t)
+                held.shell(audit.append_command(held.prefix, record.line(lambda t: t)))
+            finally:
+                lock.give_back(held)
 
 
 def _reachable(inv: Inventory, home: Path, names: list[str]) -> list[str]:
@@ -77,13 +117,24 @@ def _repoint(conn: hosts.Connected, node: str, prefix: str, address: str, env_te
         time.sleep(0.5)
 
 
-def failover_db(req: FailoverRequest, hooks: Progress) -> failover.FailoverResult:
-    """Switch or promote, persist the roles in my.cnf, repoint the app; raises PayctlError naming what is left."""
+def failover_db(req: FailoverRequest, hooks: Progress,
+                on_lock: Callable[[lock.Taken], None] = lambda _: None) -> failover.FailoverResult:  # fmt: skip
+    """Under the deploy lock: switch or promote, persist the roles in my.cnf, repoint the app; raises PayctlError
+    naming what is left. ``on_lock`` is told where the lock was taken (and what --break-lock removed)."""
     inv = req.inventory
     db_nodes = [n.name for n in inv.nodes if "mariadb" in n.roles]
     if req.promote not in db_nodes:
         raise scale.ScaleRefused(f"{req.promote} carries no MariaDB (DB nodes: {', '.join(db_nodes)})",
                                  hint="pass a replica's node name to --promote")  # fmt: skip
+    if not req.take_lock:
+        return _failover_db(req, hooks, db_nodes)
+    hooks.step(None, "deploy lock")
+    return _locked(inv, req.home, req.inventory_path, req.command, db_nodes, req.break_lock, on_lock,
+                   lambda: _failover_db(req, hooks, db_nodes))  # fmt: skip
+
+
+def _failover_db(req: FailoverRequest, hooks: Progress, db_nodes: list[str]) -> failover.FailoverResult:
+    inv = req.inventory
     phase = deployed_phase(inv.deployment, req.home) or 5
     secrets = load_or_create(req.home, inv.deployment, allow_create=False)
     clear = {n: secrets[n].reveal() for n in secrets.names()}
@@ -136,10 +187,12 @@ def failover_db(req: FailoverRequest, hooks: Progress) -> failover.FailoverResul
     return result
 
 
-def failover_redis(inv: Inventory, home: Path, promote: str, hooks: Progress) -> list[str]:
-    """Manual Redis failover for inventories without a witness (no safe Sentinel quorum): ``promote`` becomes the
-    master, the other reachable Redis nodes replicate from it. The app's REDIS_URL is repointed by the next apply,
-    which plans from the live roles."""
+def failover_redis(inv: Inventory, home: Path, promote: str, hooks: Progress, *, break_lock: bool = False,
+                   command: str = "failover redis", inventory_path: Path | None = None,
+                   on_lock: Callable[[lock.Taken], None] = lambda _: None) -> list[str]:  # fmt: skip
+    """Manual Redis failover for inventories without a witness (no safe Sentinel quorum), under the deploy lock:
+    ``promote`` becomes the master, the other reachable Redis nodes replicate from it. The app's REDIS_URL is
+    repointed by the next apply, which plans from the live roles."""
     if any("witness" in n.roles for n in inv.nodes):
         raise scale.ScaleRefused(
             "this deployment has a witness: its three Sentinels fail Redis over by themselves",
@@ -151,10 +204,17 @@ def failover_redis(inv: Inventory, home: Path, promote: str, hooks: Progress) ->
                                  hint="pass a Redis replica's node name to --promote")  # fmt: skip
     secrets = load_or_create(home, inv.deployment, allow_create=False)
     password = secrets["redis_sentinel"].reveal()
+    hooks.step(None, "deploy lock")
+    return _locked(inv, home, inventory_path, command, redis_nodes, break_lock, on_lock,
+                   lambda: _failover_redis(inv, home, promote, hooks, redis_nodes, secrets.redact, password))
+
+
+def _failover_redis(inv: Inventory, home: Path, promote: str, hooks: Progress, redis_nodes: list[str],
+                    redact: Callable[[str], str], password: str) -> list[str]:  # fmt: skip
     up = _reachable(inv, home, redis_nodes)
     if promote not in up:
         raise PayctlError(f"{promote} does not answer over SSH", hint="promote a node that is reachable")
-    with hosts.connect(inv, home, nodes=up, redact=secrets.redact) as conn:
+    with hosts.connect(inv, home, nodes=up, redact=redact) as conn:
         nodes = {}
         for n in up:
             address, workdir = inv.node(n).private_address, f"{inv.node_prefix(n)}/payctl/tmp"

@@ -3,7 +3,7 @@ health → audit. The core never prints or prompts: the CLI passes ``Hooks`` (pr
 
     connect    pyinfra State over SSH (payctl.hosts; jump hosts; @fake for --dry-run of non-lab inventories)
     facts      one read-only script per node: datadir initialised? supervisord running? venv manifest? live roles
-    lock       on the first node (payctl.lock); a second apply fails with LockHeld naming the holder
+    lock       on the first node that answers (payctl.lock.take); a second apply fails with LockHeld naming the holder
     secrets    loaded, or created only when no node runs the deployment yet (else refusal with a hint)
     plan       payctl.plan.make_plan with the live roles (after a failover the hosts win over the inventory)
     render     payctl.render.render with the revealed secrets (only into 0600 files on the node)
@@ -103,7 +103,7 @@ class ApplyResult:
     applied: bool
     health: list[HealthCheck] = field(default_factory=list)
     duration_s: float = 0.0
-    lock_broken: lock.LockInfo | None = None
+    lock_broken: tuple[tuple[str, lock.LockInfo], ...] = ()  # (node, lock) removed by --break-lock
     audit_path: Path | None = None
 
     @property
@@ -118,14 +118,12 @@ class ApplyResult:
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
-def shell_of(host: Host) -> lock.Shell:
-    """Run one command on a connected pyinfra host, outside any operation (so it is never counted as a change)."""
+shell_of = hosts.shell_of
 
-    def run(command: str) -> tuple[bool, str, str]:
-        ok, output = host.run_shell_command(command)
-        return bool(ok), output.stdout, output.stderr
 
-    return run
+def lock_nodes(inv: Inventory) -> list[tuple[str, str]]:
+    """Where the deploy lock may live: every node, in inventory order, with its prefix (see ``payctl.lock.take``)."""
+    return [(n.name, inv.node_prefix(n.name)) for n in inv.nodes]
 
 
 def secrets_fingerprint(secrets: Secrets) -> str:
@@ -241,19 +239,17 @@ def apply(req: ApplyRequest, hooks: Hooks) -> ApplyResult:
     with hosts.connect(inv, req.home, fake=fake) as conn:
         hooks.step(None, "facts")
         facts = gather_facts(conn, prefixes, addresses)
-        first = next(iter(conn.hosts))
-        held: lock.LockInfo | None = None
-        broken = None
+        held: lock.Taken | None = None
         if not req.dry_run:
-            hooks.step(first, "deploy lock")
-            held = lock.new_info(inv.deployment, req.command)
-            broken = lock.acquire(shell_of(conn.host(first)), prefixes[first], held, node=first,
-                                  break_lock=req.break_lock)  # fmt: skip
+            hooks.step(None, "deploy lock")
+            with hosts.node_shells(inv, req.home, conn=conn) as open_shell:
+                held = lock.take(lock_nodes(inv), open_shell, lock.new_info(inv.deployment, req.command),
+                                 break_lock=req.break_lock)  # fmt: skip
         result: ApplyResult | None = None
         error: PayctlError | None = None
         try:
             result = _apply_locked(req, hooks, conn, facts, fake)
-            result.lock_broken = broken
+            result.lock_broken = tuple(held.broken) if held else ()
             return result
         except PayctlError as exc:
             error = exc
@@ -265,7 +261,7 @@ def apply(req: ApplyRequest, hooks: Hooks) -> ApplyResult:
         finally:
             if held is not None:
                 _finish(req, conn, prefixes, result, error, started)
-                lock.release(shell_of(conn.host(first)), prefixes[first], held)
+                lock.give_back(held)
 
 
 def _finish(req: ApplyRequest, conn: hosts.Connected, prefixes: Mapping[str, str], result: ApplyResult | None,

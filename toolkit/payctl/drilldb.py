@@ -54,8 +54,10 @@ class _Steps:
 def promote(f: DbFailover) -> str:
     """Promote ``f.new`` by force and repoint the apps; returns what was done, in one line."""
     steps = _Steps()
+    # take_lock=False: this runs inside the drill, which holds the deploy lock.
     req = dbroles.FailoverRequest(f.inventory, f.inventory_path, f.new, "force", f.home,
-                                  f"drill kill-db-primary: failover db --promote {f.new} --force")  # fmt: skip
+                                  f"drill kill-db-primary: failover db --promote {f.new} --force",
+                                  take_lock=False)  # fmt: skip
     result = dbroles.failover_db(req, steps)
     return f"{result.new_primary} promoted at GTID {result.gtid or '-'} ({len(steps.lines)} steps)"
 

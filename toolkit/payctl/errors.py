@@ -7,7 +7,8 @@ them; only ``payctl.cli`` formats them and chooses the exit code. Third-party er
     ├── ConfigError             bad inventory / phase / flag values (exit 2)
     ├── ValidationFailed        a rendered file was rejected by its real validator (exit 1)
     ├── DeployError             a step on a host failed (exit 1)
-    │   └── LockHeld            another apply holds the deployment lock (exit 1)
+    │   ├── LockHeld            another apply holds the deployment lock (exit 1)
+    │   └── LockNodeDown        the node that holds the lock does not answer; --break-lock moves it (exit 1)
     ├── GateFailed              a verify gate criterion failed (exit 1)
     ├── TargetUnreachable       the load target or k6 could not be used (exit 3)
     └── Interrupted             Ctrl-C (SIGINT) stopped a command part-way (exit 130)
@@ -49,6 +50,10 @@ class DeployError(PayctlError):
 
 
 class LockHeld(DeployError):
+    exit_code = 1
+
+
+class LockNodeDown(DeployError):
     exit_code = 1
 
 

@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,7 +39,8 @@ from pyinfra.api.operations import run_ops
 from pyinfra.api.state import BaseStateCallback, State
 from pyinfra.connectors.sshuserclient.client import get_host_keys
 
-from payctl.errors import DeployError
+from payctl.errors import DeployError, PayctlError
+from payctl.lock import Opener, Shell
 from payctl.secrets import DIR_MODE, known_hosts_path
 
 if TYPE_CHECKING:
@@ -353,3 +354,41 @@ def _connect_error(failed: dict[str, str], all_targets: dict[str, Target], known
     else:
         hint = "check that the host is up, its address and ssh.port are right and sshd runs (lab: `payctl lab status`)"
     return DeployError("cannot connect to " + "; ".join(lines), hint=hint)
+
+
+def shell_of(host: Host) -> Shell:
+    """Run one command on a connected pyinfra host, outside any operation (so it is never counted as a change)."""
+
+    def run(command: str) -> tuple[bool, str, str]:
+        ok, output = host.run_shell_command(command)
+        return bool(ok), output.stdout, output.stderr
+
+    return run
+
+
+@contextmanager
+def node_shells(
+    inventory: HostInventory, home: Path, *, conn: Connected | None = None, timeout: int = 5
+) -> Iterator[Opener]:
+    """An ``Opener`` for the deploy lock: a shell per node, from ``conn`` when it holds the node, else from a
+    connection of its own (opened on first use, closed on exit). A node that does not answer raises the same
+    DeployError every time it is asked for, without trying again."""
+    opened: dict[str, Shell | PayctlError] = {}
+    with ExitStack() as stack:
+
+        def open_shell(node: str) -> Shell:
+            if node not in opened:
+                if conn is not None and node in conn.hosts:
+                    opened[node] = shell_of(conn.host(node))
+                else:
+                    try:
+                        own = stack.enter_context(connect(inventory, home, nodes=[node], timeout=timeout))
+                        opened[node] = shell_of(own.host(node))
+                    except PayctlError as exc:
+                        opened[node] = exc
+            got = opened[node]
+            if isinstance(got, PayctlError):
+                raise got
+            return got
+
+        yield open_shell

@@ -253,9 +253,8 @@ def down(inv: Inventory, inventory_path: Path, home: Path, lab: bool, *, purge_d
     prefixes = {n.name: inv.node_prefix(n.name) for n in inv.nodes}
     stopped: dict[str, bool] = {}
     with hosts.connect(inv, home) as conn:
-        first = next(iter(conn.hosts))
-        held = lock.new_info(inv.deployment, command)
-        lock.acquire(shell_of(conn.host(first)), prefixes[first], held, node=first)
+        with hosts.node_shells(inv, home, conn=conn) as open_shell:  # connected to every node: no own connection
+            held = lock.take([(n, prefixes[n]) for n in prefixes], open_shell, lock.new_info(inv.deployment, command))
         error = ""
         try:
             for node, host in conn.hosts.items():
@@ -295,5 +294,5 @@ def down(inv: Inventory, inventory_path: Path, home: Path, lab: bool, *, purge_d
             audit.append_local(home, record, conn.redact)
             for node, host in conn.hosts.items():
                 shell_of(host)(audit.append_command(prefixes[node], line))
-            lock.release(shell_of(conn.host(first)), prefixes[first], held)
+            lock.give_back(held)
     return DownResult(stopped, purge_data)

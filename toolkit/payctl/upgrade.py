@@ -20,8 +20,8 @@ app node there is no peer to carry traffic: it is drained and restarted in place
 healthy) is measured and reported. ``rollback`` is the same dance without stage and migrate, to the previous release
 on each node (``releases.previous``); the release it leaves is deleted.
 
-Around it: the deploy lock on the first node, one audit line (locally and on every node), hooks for progress and the
-confirmation. The core never prints.
+Around it: the deploy lock on the first node that answers, one audit line (locally and on every node), hooks for
+progress and the confirmation. The core never prints.
 """
 
 from __future__ import annotations
@@ -394,9 +394,8 @@ def run(req: UpgradeRequest, hooks: Hooks) -> UpgradeResult:
                                          "node healthy", hint="payctl status; fix it, or use payctl rollback")
         if not hooks.confirm(up):
             return result
-        first = next(iter(conn.hosts))
-        held = lock.new_info(inv.deployment, req.command)
-        lock.acquire(deploy.shell_of(conn.host(first)), prefixes[first], held, node=first)
+        with hosts.node_shells(inv, req.home, conn=conn) as open_shell:  # connected to every node: no own connection
+            held = lock.take(deploy.lock_nodes(inv), open_shell, lock.new_info(inv.deployment, req.command))
         error: PayctlError | None = None
         try:
             for s in up.nodes:
@@ -412,7 +411,7 @@ def run(req: UpgradeRequest, hooks: Hooks) -> UpgradeResult:
         finally:
             _record_migrated(conn, up)
             _audit(req, conn, up, result, error, prefixes, started)
-            lock.release(deploy.shell_of(conn.host(first)), prefixes[first], held)
+            lock.give_back(held)
 
 
 def _record_migrated(conn: hosts.Connected, up: UpgradePlan) -> None:

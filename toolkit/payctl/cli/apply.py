@@ -240,7 +240,7 @@ def _lock_view(inventory: str) -> Iterator[tuple[list[lock.NodeLock], lock.Opene
 def _show_down(console: Console, view: list[lock.NodeLock]) -> None:
     for v in view:
         if v.down:
-            console.print(f"{v.node} does not answer: {v.down}", markup=False)
+            console.print(f"{v.node} is unreachable: {v.down}", markup=False)
 
 
 def _checked(view: list[lock.NodeLock]) -> str:
