@@ -273,6 +273,14 @@ def test_planned_switchover_under_load(lab_home: Path, capsys: pytest.CaptureFix
     results = [authorize(f"m-switch-after-{i}")[0] for i in range(20)]
     assert all(code in (200, 201) for code in results), results
     print(f"switchover under load: {len(load.acked)} acknowledged, {len(load.failed)} failed: {load.failed[:3]}")
+    # A re-apply after the failover follows the live roles: node2 stays the primary, node1 its replica.
+    rc = run(["phase5", "apply", "-i", "lab-2node", "--yes", "--no-verify"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-3000:] + out.out[-2000:]
+    assert sql(NODE2, "SELECT @@read_only") == "0" and sql(NODE1, "SELECT @@read_only") == "1"
+    status = sql(NODE1, "SHOW SLAVE STATUS")
+    assert "10.77.0.12" in status and "\tYes\tYes\t" in status, status
+    assert authorize("m-switch-reapply")[0] in (200, 201)
 
 
 @LAST
