@@ -30,7 +30,7 @@ from payctl.phase import load_phase
 from payctl.plan import PORTS, LiveRoles, make_plan
 from payctl.render import REPLICATION_USER, SEMISYNC_TIMEOUT_MS, render
 from payctl.replication import ReplicaSpec
-from payctl.secrets import load_or_create
+from payctl.secrets import load_or_create, secrets_path
 
 Mode = Literal["planned", "force"]
 T = TypeVar("T")
@@ -59,12 +59,14 @@ def _locked(inv: Inventory, home: Path, inventory_path: Path | None, command: st
     """``work()`` under the deploy lock (taken as ``payctl.lock.take`` places it), audited locally and on the lock's
     node; the lock is released however ``work`` ends."""
     started = time.monotonic()
+    redact = (load_or_create(home, inv.deployment, allow_create=False).redact
+              if secrets_path(home, inv.deployment).is_file() else (lambda t: t))  # fmt: skip
     with hosts.node_shells(inv, home) as open_shell:
         held = lock.take(deploy.lock_nodes(inv), open_shell, lock.new_info(inv.deployment, command),
                          break_lock=break_lock)  # fmt: skip
-        on_lock(held)
         error = "interrupted"
         try:
+            on_lock(held)
             out = work()
             error = ""
             return out
@@ -80,8 +82,8 @@ def _locked(inv: Inventory, home: Path, inventory_path: Path | None, command: st
                     nodes=tuple(nodes), result="failed" if error else "ok", error=error,
                     duration_s=round(time.monotonic() - started, 2),
                 )  # fmt: skip
-                audit.append_local(home, record, lambda t: t)
-                held.shell(audit.append_command(held.prefix, record.line(lambda t: t)))
+                audit.append_local(home, record, redact)
+                held.shell(audit.append_command(held.prefix, record.line(redact)))
             finally:
                 lock.give_back(held)
 
