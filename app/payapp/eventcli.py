@@ -1,4 +1,4 @@
-"""Command-line glue of the event pipeline: ``payapp relay | consume | lag | reconcile | dlq``.
+"""Command-line glue of the event pipeline: ``payapp relay | consume | lag | reconcile | dlq list|replay|requeue``.
 
 Registered in ``payapp.cli.COMMANDS``; like it, this module parses and prints and the core modules never do.
 The Kafka settings come from the same environment and ``--env-file`` (``payapp.events.EventSettings``).
@@ -147,7 +147,7 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_dlq(sub: Subparsers) -> None:
-    p = sub.add_parser("dlq", help="list or replay dead letters (and the events parked behind them)")
+    p = sub.add_parser("dlq", help="list, replay or requeue dead letters (and the events parked behind them)")
     actions = p.add_subparsers(dest="dlq_action", required=True, metavar="ACTION")
     ls = actions.add_parser("list", help="open dead letters")
     ls.add_argument("--all", action="store_true", help="include resolved ones")
@@ -157,6 +157,16 @@ def add_dlq(sub: Subparsers) -> None:
     which.add_argument("--event-id", help="an eventId (or a dead-letter id)")
     which.add_argument("--all", action="store_true", help="every open dead letter, oldest first")
     rp.set_defaults(handler=_dlq_replay)
+    rq = actions.add_parser(
+        "requeue", help="put the relay's dead letters (outbox rows of a topic it did not know) back into the outbox",
+        description="For dead letters with source outbox-relay:<eventId>: mark the outbox row unpublished again "
+                    "(re-insert it from the stored payload if it was purged) and the dead letter RESOLVED, in one "
+                    "transaction, so the relay publishes it. Run it with a release that publishes the topic. "
+                    "Consumer dead letters are replayed instead (payapp dlq replay).")
+    which = rq.add_mutually_exclusive_group(required=True)
+    which.add_argument("--event-id", help="an eventId (or a dead-letter id)")
+    which.add_argument("--all-relay", action="store_true", help="every open dead letter of the relay, oldest first")
+    rq.set_defaults(handler=_dlq_requeue)
 
 
 def _dlq_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -195,6 +205,26 @@ def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     for r in results:
         state = "ok" if r.ok else "failed"
         print(f"{r.dlq_id}\t{state}\t{r.detail}\tparked applied: {r.parked_applied}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _dlq_requeue(args: argparse.Namespace, settings: Settings) -> int:
+    from payapp.dlq import RequeueResult, requeue
+    from payapp.events import connect
+
+    async def work() -> list[RequeueResult]:
+        conn = await connect(settings.db_url)
+        try:
+            return await requeue(conn, None if args.all_relay else args.event_id)
+        finally:
+            conn.close()
+
+    results = asyncio.run(work())
+    if not results:
+        print("no open dead letter of the outbox relay", file=sys.stderr)
+        return 1
+    for r in results:
+        print(f"{r.dlq_id}\t{'ok' if r.ok else 'failed'}\t{r.event_id}\t{r.topic}\t{r.detail}")
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -43,6 +43,8 @@ TOPICS = (AUTHORIZED, CAPTURED, REFUNDED, CANCELLED, SETTLED, RECONCILED, DLQ)
 # What the settlement consumer reads: the API's events (payment.settled is its own output).
 CONSUMED = (AUTHORIZED, CAPTURED, REFUNDED, CANCELLED)
 SCHEMA_VERSIONS = (1,)
+#: dlq_event.source prefix of the relay's dead letters (unroutable outbox rows): ``outbox-relay:<eventId>``.
+RELAY_SOURCE = "outbox-relay"
 
 
 def _float(raw: str) -> float:

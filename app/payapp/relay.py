@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaError
 
 from payapp import db
 from payapp.events import (
+    RELAY_SOURCE,
     TOPICS,
     EventSettings,
     Lag,
@@ -157,9 +158,13 @@ class Relay:
     async def _dead_letter(self, conn: asyncmy.Connection, rows: list[tuple[Any, ...]]) -> None:
         """Rows whose topic this relay does not know (a newer release wrote them during a rolling upgrade, or a bug)
         would fail their send forever and block every row behind them: move them to dlq_event (source
-        ``outbox-relay``, visible in ``payapp dlq list`` and the payapp_dlq_open gauge) and mark them handled, in one
-        transaction. payment_id stays NULL in the dead letter so the consumer does not park the payment's other,
-        routable events behind an event it will never see; the id is in the error text."""
+        ``outbox-relay:<eventId>``, visible in ``payapp dlq list`` and the payapp_dlq_open gauge) and mark them
+        handled, in one transaction. payment_id stays NULL in the dead letter so the consumer does not park the
+        payment's other, routable events behind an event it will never see; the id is in the error text.
+
+        The source is unique per event (``uq_dlq_source``: a bare ``outbox-relay`` made the second unroutable row
+        fail its insert and stop the relay). A row requeued (``payapp dlq requeue``) to a release that still does not
+        know its topic comes back here: its dead letter is reopened with one more attempt."""
         ids = [int(r[0]) for r in rows]
         marks = ",".join(["%s"] * len(ids))
         await conn.begin()
@@ -167,10 +172,12 @@ class Relay:
             await db.execute(
                 conn,
                 "INSERT INTO dlq_event (source, event_id, payment_id, topic, `sequence`, payload, error, attempts,"
-                " status, created_at) SELECT 'outbox-relay', event_id, NULL, topic, `sequence`, payload,"
-                " CONCAT('unknown topic ', topic, ' (payment ', payment_id, ', outbox id ', id,"
+                f" status, created_at) SELECT CONCAT('{RELAY_SOURCE}:', event_id), event_id, NULL, topic, `sequence`,"
+                " payload, CONCAT('unknown topic ', topic, ' (payment ', payment_id, ', outbox id ', id,"
                 " '): this relay publishes only known topics'), 1, 'OPEN', UTC_TIMESTAMP(6)"
-                f" FROM outbox_event WHERE id IN ({marks})",
+                f" FROM outbox_event WHERE id IN ({marks})"
+                " ON DUPLICATE KEY UPDATE status = 'OPEN', resolved_at = NULL, attempts = dlq_event.attempts + 1,"
+                " error = VALUES(error)",
                 *ids,
             )
             await db.execute(

@@ -148,23 +148,33 @@ async def test_an_outbox_row_with_an_unknown_topic_is_dead_lettered_not_blocking
     # A row a newer release wrote (topic this relay does not know) sits first in the outbox, before routable rows.
     p = pipeline
     first = await api.authorize(700)
-    p.sql(
-        "INSERT INTO outbox_event (event_id, topic, event_type, payment_id, merchant_id, `sequence`, payload,"
-        f" created_at) SELECT UUID(), 'payment.teleported', 'PaymentTeleported', payment_id, merchant_id, 99, '{{}}',"
-        f" UTC_TIMESTAMP(6) FROM payment WHERE payment_id = {first}"
-    )
+    second = await api.authorize(800)
+    for pid in (first, second):  # two of them: each gets its own dead letter (dlq_event.source is unique)
+        p.sql(
+            "INSERT INTO outbox_event (event_id, topic, event_type, payment_id, merchant_id, `sequence`, payload,"
+            " created_at) SELECT UUID(), 'payment.teleported', 'PaymentTeleported', payment_id, merchant_id, 99,"
+            f" '{{}}', UTC_TIMESTAMP(6) FROM payment WHERE payment_id = {pid}"
+        )
     later = [await api.authorize(900) for _ in range(2)]
     relay = p.start("relay")
     await eventually(lambda: p.scalar("SELECT COUNT(*) FROM outbox_event WHERE published_at IS NULL") == 0, 30,
-                     "outbox drained past the unroutable row")  # fmt: skip
+                     "outbox drained past the unroutable rows")  # fmt: skip
     seen = await topic_event_ids(p, ("payment.authorized",))
-    assert len(seen["payment.authorized"]) == 3  # the routable rows behind it were published
-    dead = p.sql("SELECT source, topic, payment_id, status, error FROM dlq_event")
-    assert len(dead) == 1
-    assert dead[0][:4] == ["outbox-relay", "payment.teleported", "NULL", "OPEN"]
-    assert f"payment {first}" in dead[0][4]
-    assert all(pid > first for pid in later)
-    assert p.scalar("SELECT COUNT(*) FROM dlq_event") == 1  # handled once, not again on the next round
+    assert len(seen["payment.authorized"]) == 4  # the routable rows behind them were published
+    dead = p.sql("SELECT source, topic, payment_id, status, error, event_id FROM dlq_event ORDER BY dlq_id")
+    teleported = [r[0] for r in p.sql("SELECT event_id FROM outbox_event WHERE topic = 'payment.teleported'"
+                                      " ORDER BY id")]
+    assert [d[0] for d in dead] == [f"outbox-relay:{e}" for e in teleported]
+    assert [d[1:4] for d in dead] == [["payment.teleported", "NULL", "OPEN"]] * 2
+    assert f"payment {first}" in dead[0][4] and f"payment {second}" in dead[1][4]
+    assert all(pid > second for pid in later)
+    assert p.scalar("SELECT COUNT(*) FROM dlq_event") == 2  # handled once, not again on the next round
+    # This release does not know the topic either: requeueing would only dead-letter it again.
+    refused = p.payapp("dlq", "requeue", "--event-id", teleported[0])
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "failed\t" in refused.stdout and "does not publish topic payment.teleported either" in refused.stdout
+    assert p.scalar("SELECT COUNT(*) FROM dlq_event WHERE status = 'OPEN'") == 2
+    assert p.scalar("SELECT COUNT(*) FROM outbox_event WHERE published_at IS NULL") == 0
     relay.terminate()
     relay.wait(20)
 
