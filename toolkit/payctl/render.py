@@ -861,6 +861,11 @@ def payapp_bin(prefix: str) -> str:
     return _native_paths(prefix)["app_bin"]
 
 
+def mariadb_datadir(prefix: str) -> str:
+    """The MariaDB datadir of a native DB node (``payctl restore --force`` swaps it)."""
+    return _native_paths(prefix)["mariadb_data"]
+
+
 def backup_layout(node: NodePlan) -> backup.NodeLayout:
     """Where a native DB node keeps its backup account's option file, lock and (app nodes) payapp's python."""
     python = f"{payapp_bin(node.prefix)}/python" if node.app is not None else ""

@@ -16,7 +16,7 @@ The steps, in an order where nothing live is touched:
                 for the business days the replay covered (it writes its report row into the scratch copy only)
 
 The scratch instance keeps running for inspection; ``discard`` stops it (by its pid file) and deletes its directory.
-Replacing a live primary with restored data is not done here (see docs/operations.md).
+Putting the restored data in service as the primary is ``payctl.restoreswap`` (``payctl restore --force``).
 """
 
 from __future__ import annotations
@@ -246,15 +246,23 @@ def _start(t: Target) -> None:
             f"tail -n 15 {q(w)}/logs/error.log >&2; exit 1", "starting the scratch mariadbd")  # fmt: skip
 
 
-def _report(t: Target, r: RestoreResult) -> None:
-    out = _run(t, f"{t.client} --socket={shlex.quote(t.socket)} -N -B -e "
-                  "\"SELECT COUNT(*), COALESCE(MAX(payment_id), 0) FROM payments.payment; "
-                  "SELECT COALESCE(SUM(IF(direction = 'DEBIT', amount, 0)), 0), "
-                  "COALESCE(SUM(IF(direction = 'CREDIT', amount, 0)), 0) FROM payments.ledger_entry\"",
-               "reading the restored data")  # fmt: skip
+#: payments, last payment id, Σdebit, Σcredit (``-N -B``: two lines) -- what a restore reports, and what
+#: ``restore --force`` checks again on the server it put in service.
+FIGURES_SQL = ("SELECT COUNT(*), COALESCE(MAX(payment_id), 0) FROM payments.payment; "
+               "SELECT COALESCE(SUM(IF(direction = 'DEBIT', amount, 0)), 0), "
+               "COALESCE(SUM(IF(direction = 'CREDIT', amount, 0)), 0) FROM payments.ledger_entry")  # fmt: skip
+
+
+def parse_figures(out: str) -> tuple[int, int, int, int]:
+    """(payments, last payment id, Σdebit, Σcredit) from ``FIGURES_SQL``'s output."""
     rows = [line.split("\t") for line in out.strip().splitlines()]
-    r.payments, r.last_payment_id = int(rows[0][0]), int(rows[0][1])
-    r.total_debit, r.total_credit = int(rows[1][0]), int(rows[1][1])
+    return int(rows[0][0]), int(rows[0][1]), int(rows[1][0]), int(rows[1][1])
+
+
+def _report(t: Target, r: RestoreResult) -> None:
+    out = _run(t, f"{t.client} --socket={shlex.quote(t.socket)} -N -B -e {shlex.quote(FIGURES_SQL)}",
+               "reading the restored data")  # fmt: skip
+    r.payments, r.last_payment_id, r.total_debit, r.total_credit = parse_figures(out)
 
 
 def _reconcile(t: Target, r: RestoreResult, first: date, last: date) -> None:

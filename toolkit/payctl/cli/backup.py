@@ -11,10 +11,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from payctl import backup, dbbackup
+from payctl import backup, dbbackup, restore, restoreswap
 from payctl.cli.apply import ConsoleHooks
 from payctl.errors import ConfigError
-from payctl.inventory import load_inventory
+from payctl.inventory import load_inventory, resolve_inventory_path
 from payctl.paths import payctl_home
 
 _INVENTORY = typer.Option(..., "-i", "--inventory", help="Inventory file or bundled name.")
@@ -89,20 +89,35 @@ def restore_cmd(
     source: Path | None = _FROM,
     no_fetch: bool = _NO_FETCH,
     discard: bool = typer.Option(False, "--discard", help="Stop and delete the scratch instance of this backup."),
+    force: bool = typer.Option(False, "--force", help="Then put the restored data in service as the primary's "
+                               "datadir (writers stopped, old datadir kept); asks for the deployment name."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --force: show the plan, change nothing."),
     yes: bool = typer.Option(False, "--yes", help="Do not ask first."),
 ) -> None:
     """Restore a backup into a FRESH scratch MariaDB on a node, replay the binlogs up to --until, then report the
-    payments, the ledger sums and `payapp reconcile` on the restored data. The live deployment is not touched.
+    payments, the ledger sums and `payapp reconcile` on the restored data. The live deployment is not touched,
+    unless --force: then the restored data replaces the primary's (docs/operations.md, restore runbook).
 
     Examples:
 
       payctl restore -i lab-1node --backup 20261125T163000Z --until 2026-11-25T16:42:10Z --yes
 
       payctl restore -i lab-1node --backup 20261125T163000Z --discard --yes
+
+      payctl restore -i lab-1node --backup 20261125T163000Z --until 2026-11-25T16:42:10Z --force --dry-run
     """
     inv = load_inventory(inventory)
     console = Console(highlight=False, soft_wrap=True)
     home = payctl_home().absolute()
+    if force:
+        if discard:
+            raise ConfigError("--force and --discard do not go together", hint="run them one after the other")
+        at = backup.parse_until(until) if until else None
+        req = dbbackup.RestoreRequest(inv, home, backup_id, at, node, port, source, fetch_binlogs=not no_fetch)
+        _force(inventory, req, dry_run, yes, console)
+        return
+    if dry_run:
+        raise ConfigError("--dry-run goes with --force", hint="a restore without --force changes no live data")
     if discard:
         _ask(f"stop and delete the scratch instance of backup {backup_id}", yes, console)
         name, removed = dbbackup.discard_restore(inv, home, backup_id, node)
@@ -119,6 +134,14 @@ def restore_cmd(
         r = dbbackup.run_restore(req, hooks)
     finally:
         hooks.stop()
+    _print_restore(r, console)
+    p = console.print
+    p(f"  remove it with: payctl restore -i {inventory} --backup {r.backup_id} --discard --yes", markup=False)
+    if not r.ledger_balanced or r.reconciled is False:
+        raise typer.Exit(3)
+
+
+def _print_restore(r: restore.RestoreResult, console: Console) -> None:
     p = console.print
     p(f"restored backup {r.backup_id} on {r.node}: scratch MariaDB on port {r.port}, socket {r.socket}", markup=False)
     p(f"  replayed {r.transactions} transactions from GTID {r.start_gtid} to {r.last_gtid or r.start_gtid}"
@@ -132,9 +155,52 @@ def restore_cmd(
         p(f"  reconciliation: {'balanced' if r.reconciled else 'NOT balanced'}", markup=False)
     laps = ", ".join(f"{k} {v:.1f}" for k, v in r.timings.items() if k != "total")
     p(f"  took {r.timings.get('total', 0):.1f} s ({laps})", markup=False)
-    p(f"  remove it with: payctl restore -i {inventory} --backup {r.backup_id} --discard --yes", markup=False)
-    if not r.ledger_balanced or r.reconciled is False:
-        raise typer.Exit(3)
+
+
+class _Lines:
+    """Progress of --force as lines that stay on screen: the operator sees every step of a swap."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def step(self, node: str | None, step: str) -> None:
+        self.console.print(f"{node or 'all':<10} {step}", markup=False)
+
+
+def _force(inventory: str, req: dbbackup.RestoreRequest, dry_run: bool, yes: bool, console: Console) -> None:
+    if not dry_run and not yes and not sys.stdin.isatty():
+        raise ConfigError("payctl restore --force replaces the primary's data and asks first, but stdin is not a "
+                          "terminal", hint="add --yes to go ahead without asking, or --dry-run to only see the "
+                          "plan")  # fmt: skip
+    argv = ["payctl", "restore", "-i", inventory, "--backup", req.backup_id, "--force"]
+    argv += ["--until", req.until.isoformat()] if req.until else []
+    freq = restoreswap.ForceRequest(req, resolve_inventory_path(inventory), " ".join(argv))
+    prep = restoreswap.prepare(freq)
+    for line in restoreswap.describe(prep.swap):
+        console.print(line, markup=False)
+    if dry_run:
+        console.print("dry run: nothing changed", markup=False)
+        return
+    if not yes:
+        dep = prep.swap.deployment
+        typed = typer.prompt(f"type the deployment name ({dep}) to replace the data of {prep.swap.node}", default="",
+                             show_default=False)  # fmt: skip
+        if typed.strip() != dep:
+            console.print("nothing changed (aborted)", markup=False)
+            raise typer.Exit(1)
+    restored, s = restoreswap.run_force(freq, prep, _Lines(console))
+    _print_restore(restored, console)
+    p = console.print
+    sp = s.plan
+    p(f"in service on {sp.node}: backup {sp.backup_id} up to {restored.last_event_at or '-'}; {s.payments} payments, "
+      f"last payment id {s.last_payment_id}, ledger debit {s.total_debit} credit {s.total_credit}", markup=False)
+    for line in s.reconcile:
+        p(f"  reconcile (in service): {line}", markup=False)
+    p(f"  old datadir kept as {sp.kept}", markup=False)
+    p(f"  binlog continues in {s.first_binlog}, GTIDs after {s.old_gtid_state or '-'} (none of the old timeline "
+      "reused)", markup=False)  # fmt: skip
+    p(f"  writers out of service {s.out_of_service_s:.1f} s; every node healthy", markup=False)
+    p(f"  next: take a backup of the new timeline: payctl backup -i {inventory} --yes", markup=False)
 
 
 def register(app: typer.Typer) -> None:
