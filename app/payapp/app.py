@@ -44,7 +44,8 @@ def create_app(settings: Settings) -> web.Application:
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     pool = await db.create_pool(
-        settings.db, settings.db_pool_size, settings.idempotency_lease_seconds, settings.db_pool_timeout_ms
+        settings.db, settings.db_pool_size, settings.idempotency_lease_seconds, settings.db_pool_timeout_ms,
+        settings.db_query_timeout_ms,
     )
     app[DB_POOL] = pool
     app[PAYMENTS] = Payments(pool, app[CODEC].dumps, settings.idempotency_lease_seconds)

@@ -79,17 +79,29 @@ class PoolTimeout(ConnectionError):
     """No pooled connection became free within the pool timeout: the API answers 503 with Retry-After."""
 
 
+class QueryTimeout(ConnectionError):
+    """MariaDB did not answer within the query timeout (PAYAPP_DB_QUERY_TIMEOUT_MS): the API answers 503 with
+    Retry-After. The connection is closed, not pooled: a statement may still be running on it. That statement may
+    still commit (a COMMIT waiting for space on a full binlog disk does, once there is space), so the outcome is
+    unknown to the client, which retries with its idempotency key: the stored answer, or 409 while it still runs."""
+
+
 class Pool:
     """asyncmy's pool with a bound on the wait for a free connection (PAYAPP_DB_POOL_TIMEOUT_MS).
 
     Under overload a request that waits for a connection longer than its latency budget is better failed fast (503,
     the client retries with its idempotency key) than queued: the queue only grows and every request behind it
     misses its deadline too. ``timeout`` None waits as long as it takes (asyncmy's own behaviour).
+
+    ``query_timeout`` bounds how long the holder keeps a connection (PAYAPP_DB_QUERY_TIMEOUT_MS): a MariaDB that
+    accepts connections and reads but never finishes a write (a full binlog disk: the commit waits for space) would
+    otherwise hold every request that got a connection until it recovers. Past it the holder gets ``QueryTimeout``.
     """
 
-    def __init__(self, raw: asyncmy.Pool, timeout: float | None) -> None:
+    def __init__(self, raw: asyncmy.Pool, timeout: float | None, query_timeout: float | None = None) -> None:
         self.raw = raw
         self.timeout = timeout
+        self.query_timeout = query_timeout
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[asyncmy.Connection]:
@@ -97,8 +109,18 @@ class Pool:
             conn: asyncmy.Connection = await asyncio.wait_for(self.raw.acquire(), self.timeout)
         except TimeoutError:
             raise PoolTimeout(f"no free database connection within {self.timeout:g}s") from None
+        deadline = asyncio.timeout(self.query_timeout)
         try:
-            yield conn
+            async with deadline:
+                yield conn
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            conn.close()
+            raise QueryTimeout(f"MariaDB did not answer within {self.query_timeout:g}s") from None
+        except asyncio.CancelledError:
+            conn.close()  # cancelled mid-statement: what the connection would read next is unknown
+            raise
         finally:
             self.raw.release(conn)
 
@@ -117,14 +139,16 @@ class Pool:
         await self.raw.wait_closed()
 
 
-async def create_pool(target: DbTarget, size: int, lease_seconds: int, timeout_ms: int = 0) -> Pool:
+async def create_pool(
+    target: DbTarget, size: int, lease_seconds: int, timeout_ms: int = 0, query_timeout_ms: int = 0
+) -> Pool:
     """A pool of ``size`` connections, opened lazily, each in the session setup above; ``timeout_ms`` (0: none)
-    bounds the wait for a free connection."""
+    bounds the wait for a free connection, ``query_timeout_ms`` (0: none) how long a holder keeps one."""
     raw = await asyncmy.create_pool(
         minsize=0, maxsize=size, pool_recycle=3600,
         **connect_kwargs(target, init_command=session_init(lease_seconds)),
     )
-    return Pool(raw, timeout_ms / 1000 if timeout_ms else None)
+    return Pool(raw, timeout_ms / 1000 if timeout_ms else None, query_timeout_ms / 1000 if query_timeout_ms else None)
 
 
 async def connect(target: DbTarget, *, database: bool = True) -> asyncmy.Connection:

@@ -36,9 +36,15 @@ class IdBlocks:
 
     async def next(self) -> int:
         if self._next >= self._end:
-            async with self._lock:
-                if self._next >= self._end:
-                    await self._reserve()
+            # Bounded like a query: a reservation that hangs (MariaDB cannot commit NEXTVAL, e.g. a full binlog disk)
+            # must not hold every request of the worker queued on the lock behind it.
+            bound = self._pool.query_timeout
+            try:
+                async with asyncio.timeout(bound), self._lock:
+                    if self._next >= self._end:
+                        await self._reserve()
+            except TimeoutError:
+                raise db.QueryTimeout(f"no {self._table} id block from MariaDB within {bound:g}s") from None
         value = self._next
         self._next += 1
         return value

@@ -64,6 +64,7 @@ class Settings:
     idempotency_lease_seconds: int
     db_pool_size: int
     db_pool_timeout_ms: int
+    db_query_timeout_ms: int
     shutdown_timeout: float
     keepalive_timeout: float
     body_timeout: float
@@ -294,6 +295,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("DB_POOL_SIZE", "db_pool_size", int_range(1, 1000), "16", "MariaDB connections per worker"),
     Spec("DB_POOL_TIMEOUT_MS", "db_pool_timeout_ms", int_range(0, 600_000), "0",
          "longest a request waits for a free MariaDB connection before 503 + Retry-After (0: no bound)"),
+    Spec("DB_QUERY_TIMEOUT_MS", "db_query_timeout_ms", int_range(0, 600_000), "4000",
+         "longest a request holds a MariaDB connection waiting for answers before 503 + Retry-After; the connection "
+         "is closed (0: no bound)"),
     Spec("SHUTDOWN_TIMEOUT", "shutdown_timeout", _positive_float, "30",
          "seconds a worker waits for in-flight requests after SIGTERM"),
     Spec("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive_float, "75", "idle HTTP keep-alive seconds"),
