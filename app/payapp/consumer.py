@@ -1,6 +1,7 @@
-"""``payapp consume``: the settlement worker. Kafka group, one MariaDB transaction per event, offsets after it.
+"""``payapp consume``: the settlement worker. Kafka group, one MariaDB transaction per polled batch, offsets after it.
 
-Per event, one transaction in the primary: lock the payment row, skip it when its eventId is in
+Per polled batch, one transaction in the primary (``apply_batch``; what it cannot decide goes through
+``apply_event``, one transaction per event). Per event: lock the payment row, skip it when its eventId is in
 ``processed_event`` (a redelivery), park it when the payment has an OPEN dead letter (later events wait behind
 the poison one), otherwise record the eventId and bring the payment's settlements up to date
 (``payapp.settlement``: computed from committed state, so order and duplicates do not matter). Offsets are

@@ -60,9 +60,9 @@ def _relay(args: argparse.Namespace, settings: Settings) -> int:
 
 def add_consume(sub: Subparsers) -> None:
     p = sub.add_parser("consume", help="apply payment events: settlements, adjustments, dead letters",
-                       description="Consume the payment topics in group PAYAPP_KAFKA_GROUP; each event is applied "
-                                   "in one MariaDB transaction (deduplicated by eventId), offsets are committed "
-                                   "after it.")
+                       description="Consume the payment topics in group PAYAPP_KAFKA_GROUP; each polled batch is "
+                                   "applied in one MariaDB transaction (deduplicated by eventId), offsets are "
+                                   "committed after it.")
     p.set_defaults(handler=_consume)
 
 
