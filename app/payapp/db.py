@@ -7,6 +7,13 @@ instead of eight. MariaDB stops at the first failing statement of a batch; ``Bat
 naming it, and the caller (still inside its transaction) rolls back. Every value goes through the driver's
 escaping (``%s``), never into the SQL text.
 
+``Batch.compound`` goes one step further for the hottest path (authorize): the statements become one anonymous
+compound statement (``BEGIN NOT ATOMIC ... END``), so MariaDB answers with one result instead of one per statement.
+Measured with 16 concurrent authorize transactions sent straight to MariaDB (no HTTP), alternating rounds: client
+CPU 535 -> 362 us and mariadbd CPU 847 -> 722 us per authorize (fewer reply packets to send, read and step through).
+The price: a failure no longer says which statement failed (``BatchError.index`` is 0; see
+``idempotency.is_claim_failure``).
+
 Sessions run in UTC with READ COMMITTED; ``idle_transaction_timeout`` is the lease of an idempotency claim (see
 ``payapp.idempotency``).
 """
@@ -175,6 +182,12 @@ class BatchError(Exception):
         self.code = code
         self.cause = cause
 
+    @property
+    def message(self) -> str:
+        """MariaDB's text of the error (e.g. which unique key a duplicate hit)."""
+        args: tuple[Any, ...] = self.cause.args
+        return str(args[1]) if len(args) > 1 else str(self.cause)
+
 
 @dataclass
 class Batch:
@@ -187,6 +200,13 @@ class Batch:
         self.sql.append(statement)
         self.args.extend(args)
         return len(self.sql) - 1
+
+    def compound(self) -> Batch:
+        """These statements as one anonymous compound statement: one statement, one result, one reply packet.
+
+        The statements must be valid inside a stored program: ``START TRANSACTION``, not ``BEGIN``.
+        """
+        return Batch(["BEGIN NOT ATOMIC\n" + ";\n".join(self.sql) + ";\nEND"], list(self.args))
 
     def extend(self, other: Batch) -> None:
         """Append ``other``'s statements (their indexes shift by the statements already here)."""

@@ -80,8 +80,23 @@ def stage_complete(batch: Batch, claim_id: int, status: int, body: bytes, paymen
     )
 
 
-def is_claim_failure(exc: BatchError, claim_index: int) -> bool:
-    return exc.index == claim_index and exc.code in (ER_DUP_ENTRY, ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK)
+#: The unique key a second claim of the same (merchant, scope, key) collides with (migration 001).
+CLAIM_KEY = "uq_idempotency"
+
+
+def is_claim_failure(exc: BatchError, claim_index: int | None) -> bool:
+    """Whether ``exc`` is the claim's INSERT being refused (taken key, or a claim still in progress).
+
+    ``claim_index`` None: the claim ran inside a compound statement (``Batch.compound``), which does not say which
+    statement failed. A duplicate is then the claim's when MariaDB names the claim's unique key (the other rows of
+    authorize carry fresh ids only); a lock wait or deadlock is the claim's, the only statement of authorize that
+    can wait for another transaction (the others insert new rows and check foreign keys against its own payment).
+    """
+    if exc.code not in (ER_DUP_ENTRY, ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK):
+        return False
+    if claim_index is not None:
+        return exc.index == claim_index
+    return exc.code != ER_DUP_ENTRY or exc.message.endswith(f"for key '{CLAIM_KEY}'")
 
 
 async def settle_failed_claim(conn: asyncmy.Connection, exc: BatchError, claim: Claim) -> Stored:

@@ -3,10 +3,10 @@
 Each state change is one MariaDB transaction holding everything it implies: the payment row, a
 ``payment_operation``, its balanced ledger pairs, an outbox event with the payment's next sequence number and,
 when the request carries an idempotency key, the stored response. Ids come from ``payapp.ids``, so authorize
-sends its transaction in one round trip; capture, refund and void need two: they lock the payment row
-(``SELECT ... FOR UPDATE``) and check their bounds, then write, so concurrent requests are serialised per payment
-and ``captured <= authorized`` and ``refunded <= captured`` hold under any concurrency (CHECK constraints back
-them).
+sends its transaction in one round trip, as one compound statement (``db.Batch.compound``: one reply instead of
+seven); capture, refund and void need two: they lock the payment row (``SELECT ... FOR UPDATE``) and check their
+bounds, then write, so concurrent requests are serialised per payment and ``captured <= authorized`` and
+``refunded <= captured`` hold under any concurrency (CHECK constraints back them).
 
 Statuses: REQUESTED (authorized) -> COMPLETED (captured, possibly partially, possibly several times)
 -> PARTIALLY_REFUNDED / REFUNDED (refunded in full of what was captured); REQUESTED -> CANCELLED (void).
@@ -165,7 +165,8 @@ class Payments:
         self._operation_ids = ids.operation_ids(pool)
 
     async def authorize(self, req: AuthorizeRequest) -> Outcome:
-        """One round trip: claim (stored complete with its response), payment, operation, pair, event, commit."""
+        """One compound statement: claim (stored complete with its response), payment, operation, pair, event,
+        commit."""
         now = utcnow()
         claim = idempotency.claim_for(req.merchant_id, "authorize", req.idempotency_key,
                                       {"amount": req.amount, "currency": req.currency})
@@ -181,16 +182,15 @@ class Payments:
         entries = self._stage_operation(work, payment, "AUTHORIZE", operation_id, req.amount, None, now)
         body = self._dumps(view(payment, entries, _MESSAGES["AUTHORIZE"]))
         batch = Batch()
-        batch.add("BEGIN")
-        i_claim = idempotency.stage_claim(batch, claim, self._lease, now, idempotency.Stored(200, body),
-                                          payment.payment_id)
+        batch.add("START TRANSACTION")
+        idempotency.stage_claim(batch, claim, self._lease, now, idempotency.Stored(200, body), payment.payment_id)
         batch.extend(work)
         batch.add("COMMIT")
         async with self._pool.acquire() as conn:
             try:
-                await batch.run(conn)
-            except BatchError as exc:
-                return await self._claim_failed(conn, exc, i_claim, claim)
+                await batch.compound().run(conn)
+            except BatchError as exc:  # the transaction is still open: _claim_failed rolls it back
+                return await self._claim_failed(conn, exc, None, claim)
         return Outcome(200, body)
 
     async def change(self, req: ChangeRequest) -> Outcome:
@@ -281,7 +281,7 @@ class Payments:
         return entries
 
     @staticmethod
-    async def _claim_failed(conn: asyncmy.Connection, exc: BatchError, index: int, claim: Claim) -> Outcome:
+    async def _claim_failed(conn: asyncmy.Connection, exc: BatchError, index: int | None, claim: Claim) -> Outcome:
         if not idempotency.is_claim_failure(exc, index):
             await rollback_quietly(conn)
             raise exc
