@@ -294,11 +294,12 @@ def test_cli_refuses_a_non_lab_inventory_with_exit_2(capsys: pytest.CaptureFixtu
     assert "hint: bring one up with `payctl lab up -i lab-1node`" in err
 
 
-def test_cli_names_scenarios_that_are_not_built(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(["drill", "-i", "lab-1node", "disk-full", "--yes"]) == 2
-    assert "error: drill disk-full: a small filesystem for the DB or broker in the lab: not built" in (
-        capsys.readouterr().err
-    )
+def test_cli_disk_full_needs_a_load_that_outlasts_mariadbs_retry(capsys: pytest.CaptureFixture[str]) -> None:
+    # Refused while the options are read, before the inventory or any lab host is looked at.
+    assert run(["drill", "-i", "lab-1node", "disk-full", "--duration", "60s", "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert "--duration: disk-full needs the warm-up + --fault-duration + 70s (MariaDB retries a full disk every " \
+           "60 s), at least 86s" in err
 
 
 class LabRunner(FakeRunner):
@@ -355,6 +356,28 @@ def test_kill_db_primary_kills_keeps_it_down_then_promotes() -> None:
     assert f.killed == {"payctl-mariadb": (700,)} and f.detail == "killed payctl-mariadb pid 700; node2 promoted"
 
 
-def test_disk_full_is_refused_as_not_built() -> None:
-    with pytest.raises(ConfigError, match=r"drill disk-full: a small filesystem"):
-        drill.DrillSpec("disk-full")
+def test_disk_full_is_built_with_its_own_defaults_and_faults_the_primary() -> None:
+    assert "disk-full" in drill.built() and not drill.NOT_BUILT
+    d = drill.SCENARIOS["disk-full"]
+    assert (d.action, d.program, d.duration_s, d.recover_bound_s) == ("disk-full", "payctl-mariadb", 100.0, 100.0)
+    drill.DrillSpec("disk-full", duration_s=100, recover_bound_s=100)  # the CLI's defaults are valid
+
+    class WithMariaDB(LabRunner):
+        def __call__(self, argv: Sequence[str], timeout: float) -> CommandResult:
+            res = super().__call__(argv, timeout)
+            if "status" in argv and "pl-lab-node1" in argv:
+                return CommandResult(0, res.stdout + "payctl-mariadb RUNNING pid 7, uptime 1:00:00\n", "")
+            return res
+
+    plan = drill.plan_drill(load_inventory("lab-2node"), drill.DrillSpec("disk-full", duration_s=100), WithMariaDB())
+    assert plan.fault_node.name == "node1"  # where the app writes (its app.env) or else the first MariaDB node
+    assert "MariaDB's binlog on node1 onto a 256 KiB tmpfs, full for 8s, then grown" in plan.describe()
+
+
+def test_the_status_codes_during_the_fault_are_counted() -> None:
+    reqs = _reqs([(1, 200), (10.5, 503), (11, 503), (11.2, 0), (12, 409), (12.5, 503)]
+                 + [(13 + t / 2, 200) for t in range(10)])  # fmt: skip
+    tl = timeline(reqs, fault_start=10.0, fault_end=12.8)
+    assert tl.statuses_during == ((503, 3), (0, 1), (409, 1))
+    assert tl.statuses_text == "503: 3, 0: 1, 409: 1"
+    assert timeline(_reqs([(1, 200)]), fault_start=10.0, fault_end=10.0).statuses_text == "-"

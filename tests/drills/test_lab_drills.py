@@ -7,18 +7,23 @@ check), so the deployment is left as it was found; a drill that leaves it unheal
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from payctl import drill
+from payctl.drilldisk import in_mounts, mount_dir
+from payctl.serverchecks import local_runner
 from tests.support.labs import SharedLab
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.shared_lab("lab-1node", 4)]
 
 
-def _drill(shared_lab: SharedLab, scenario: str, tmp_path: Path, duration_s: float = 15.0) -> drill.DrillResult:
-    spec = drill.DrillSpec(scenario, rps=15, duration_s=duration_s, warmup_s=5.0, recover_bound_s=45.0)
+def _drill(shared_lab: SharedLab, scenario: str, tmp_path: Path, duration_s: float = 15.0,
+           recover_bound_s: float = 45.0, fault_s: float = 8.0) -> drill.DrillResult:  # fmt: skip
+    spec = drill.DrillSpec(scenario, rps=15, duration_s=duration_s, warmup_s=5.0, recover_bound_s=recover_bound_s,
+                           fault_s=fault_s)  # fmt: skip
     plan = drill.plan_drill(shared_lab.inventory, spec)
     try:
         result = drill.run_drill(plan, tmp_path / scenario)
@@ -30,11 +35,11 @@ def _drill(shared_lab: SharedLab, scenario: str, tmp_path: Path, duration_s: flo
     return result
 
 
-def _assert_clean(result: drill.DrillResult) -> None:
+def _assert_clean(result: drill.DrillResult, bound_s: float = 45) -> None:
     assert result.passed, result.problems
     row = result.row()
     assert (row["lost"], row["duplicates"], row["reconciliation"]) == (0, 0, "balanced")
-    assert result.recovered_after_s is not None and result.recovered_after_s <= 45
+    assert result.recovered_after_s is not None and result.recovered_after_s <= bound_s
     assert result.audit.acknowledged_payments >= 15 * 10  # the load really ran at the asked rate
     assert result.audit.payments >= result.audit.acknowledged_payments
 
@@ -68,3 +73,26 @@ def test_cli_kill_app_writes_the_table_and_exits_0(shared_lab: SharedLab, tmp_pa
     assert rows[0]["fault"]["killed"]["worker"]  # one worker's pid
     assert (out / "results.md").read_text().startswith("# Fault drills: kill-app")
     assert sum(1 for line in (out / "k6.log").read_text().splitlines() if line.startswith("A ")) >= 150
+
+
+def test_a_full_binlog_disk_gives_503s_never_a_500_loses_nothing_and_is_put_back(
+    shared_lab: SharedLab, tmp_path: Path
+) -> None:
+    """MariaDB's binlog fills a 256 KiB tmpfs on node1, stays full 5 s, is grown; MariaDB writes again within its 60 s
+    retry. The load outlasts that (90 s), so the drill sees the API recover."""
+    result = _drill(shared_lab, "disk-full", tmp_path, duration_s=90.0, recover_bound_s=85.0, fault_s=5.0)
+    print(f"disk-full: {result.fault.detail}; statuses during the fault: {result.timeline.statuses_text}; "
+          f"row: {result.row()}")
+    _assert_clean(result, bound_s=85)
+    statuses = dict(result.timeline.statuses_during)
+    assert statuses.get(503, 0) > 0  # the fault was real: writes were refused, with 503
+    assert not [code for code in statuses if code >= 500 and code != 503], statuses  # never a 500, 502 or 504
+    # Everything as it was: no symlinked binlog, the tmpfs unmounted in mariadbd's namespace, its directory gone.
+    prefix = Path(shared_lab.inventory.node_prefix("node1"))
+    assert not [p for p in (prefix / "data" / "mariadb").glob("mysql-bin.*") if p.is_symlink()]
+    assert not (prefix / "drill").exists()
+    node = next(n for n in drill.plan_drill(shared_lab.inventory, drill.DrillSpec("kill-relay")).nodes)
+    pid = drill.snapshot(node, local_runner())["payctl-mariadb"].pid
+    assert pid is not None
+    mounted = subprocess.run(in_mounts(pid, "mountpoint", "-q", mount_dir(node)), check=False)
+    assert mounted.returncode != 0

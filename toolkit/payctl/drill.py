@@ -29,6 +29,7 @@ from typing import Literal
 from payctl import audit, lab, lock
 from payctl.drillaudit import Audit, DbFacts, Timeline, facts_argv, judge, parse_log, timeline
 from payctl.drilldb import DbFailover, primary_address, promote, reattach
+from payctl.drilldisk import disk_full
 from payctl.drillfaults import Fault, Node, inject, snapshot, supervisorctl
 from payctl.errors import ConfigError, PayctlError, TargetUnreachable
 from payctl.gate import Target, check_target, k6_duration, lb_url
@@ -37,7 +38,7 @@ from payctl.inventory import Inventory
 from payctl.loadrun import find_k6, free_port
 from payctl.serverchecks import CommandResult, CommandRunner, ReconciliationBalanced, local_runner
 
-Action = Literal["kill-worker", "kill", "restart-all", "partition", "failover"]
+Action = Literal["kill-worker", "kill", "restart-all", "partition", "failover", "disk-full"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class ScenarioDef:
     summary: str
     action: Action
     program: str = ""  # the supervisor program acted on ("" = the whole node)
+    duration_s: float = 30.0  # the CLI's defaults for this scenario
+    recover_bound_s: float = 60.0
 
 
 SCENARIOS: dict[str, ScenarioDef] = {
@@ -66,11 +69,20 @@ SCENARIOS: dict[str, ScenarioDef] = {
             "failover",
             "payctl-mariadb",
         ),
+        ScenarioDef(
+            "disk-full",
+            "MariaDB's binlog onto a 256 KiB tmpfs that the load fills; kept full --fault-duration seconds, then grown "
+            "(MariaDB retries every 60 s); binlog back on the real disk, tmpfs unmounted",
+            "disk-full",
+            "payctl-mariadb",
+            duration_s=100.0,
+            recover_bound_s=100.0,
+        ),
     )
 }
-NOT_BUILT = {
-    "disk-full": "a small filesystem for the DB or broker in the lab: not built (see docs/reliability.md)",
-}
+NOT_BUILT: dict[str, str] = {}
+# disk-full: after the tmpfs is grown MariaDB may wait up to 60 s more before it writes (its retry interval).
+DISK_FULL_AFTER_S = 70.0
 
 
 def built() -> list[str]:
@@ -102,6 +114,10 @@ class DrillSpec:
             problems.append(f"--duration ({self.duration_s:g}s) must exceed the warm-up ({self.warmup_s:g}s) by 5s+")
         if self.fault_s <= 0 or self.recover_bound_s <= 0 or self.drain_bound_s <= 0:
             problems.append("--fault-duration and the bounds must be > 0")
+        if self.scenario == "disk-full" and self.duration_s < self.warmup_s + self.fault_s + DISK_FULL_AFTER_S:
+            problems.append(f"--duration: disk-full needs the warm-up + --fault-duration + {DISK_FULL_AFTER_S:g}s "
+                            f"(MariaDB retries a full disk every 60 s), at least "
+                            f"{self.warmup_s + self.fault_s + DISK_FULL_AFTER_S:g}s")  # fmt: skip
         if problems:
             raise ConfigError("invalid drill", hint="fix the options listed above", problems=problems)
 
@@ -125,6 +141,9 @@ class DrillPlan:
         what = f"{d.summary} on {self.fault_node.name}"
         if d.action == "partition":
             what = f"cut {self.fault_node.veth} ({self.fault_node.name}) for {self.spec.fault_s:g}s"
+        if d.action == "disk-full":
+            what = (f"MariaDB's binlog on {self.fault_node.name} onto a 256 KiB tmpfs, full for "
+                    f"{self.spec.fault_s:g}s, then grown")  # fmt: skip
         return (
             f"drill {d.name} on '{self.deployment}': {self.spec.rps}/s payment flows through {self.target.url} for "
             f"{self.spec.duration_s:g}s; after {self.spec.warmup_s:g}s: {what}; then recovery (<= "
@@ -171,6 +190,8 @@ def plan_drill(
         fault = next((n for n in nodes if n.name not in lb), nodes[0])
     elif d.action == "failover":
         fault = app  # chosen below: the primary
+    elif d.action == "disk-full":
+        fault = _primary(nodes, app, run)
     else:
         fault = _node_running(nodes, d.program, run) if d.program else app
     db = None
@@ -195,6 +216,16 @@ def plan_drill(
         db = DbFailover(inv, inventory_path, home, fault.name, new)
     target = check_target(lb_url(inv), inv)
     return DrillPlan(inv.deployment, spec, target, nodes, fault, app, db)
+
+
+def _primary(nodes: Sequence[Node], app: Node, runner: CommandRunner) -> Node:
+    """The MariaDB node the app writes to (its env file), else the first that runs MariaDB."""
+    try:
+        address = primary_address((Path(app.prefix) / "app.env").read_text())
+    except (OSError, ConfigError):
+        address = ""
+    found = next((n for n in nodes if n.address == address), None)
+    return found or _node_running(nodes, "payctl-mariadb", runner)
 
 
 def _node_running(nodes: Sequence[Node], program: str, runner: CommandRunner) -> Node:
@@ -250,6 +281,7 @@ class DrillResult:
             "payments_audited": self.audit.payments,
             "reconciliation": self.reconciliation,
             "verdict": "pass" if self.passed else "FAIL",
+            "statuses_during_fault": self.timeline.statuses_text,
         }
 
     def as_dict(self) -> dict[str, object]:
@@ -298,6 +330,7 @@ COLUMNS = (
     ("acknowledged", "acknowledged"), ("failed_during_fault", "failed during fault"),
     ("error_rate_during_fault", "error rate during fault"), ("recovered_after_s", "recovered after s"),
     ("lost", "lost"), ("duplicates", "duplicates"), ("reconciliation", "reconciliation"), ("verdict", "verdict"),
+    ("statuses_during_fault", "status codes during fault"),
 )  # fmt: skip
 
 
@@ -452,8 +485,12 @@ def _locked(plan: DrillPlan, report_dir: Path, run: CommandRunner, on_step: Call
                                     hint=f"see {report_dir / 'k6.stderr'}")  # fmt: skip
         on_step(f"fault: {spec.definition.summary} on {plan.fault_node.name}")
         db = plan.db
-        fault = inject(spec.definition.action, spec.definition.program, plan.fault_node, run, spec.fault_s,
-                       promote=(lambda: promote(db)) if db is not None else None)  # fmt: skip
+        action = spec.definition.action
+        if action == "disk-full":
+            fault = disk_full(plan.fault_node, run, spec.fault_s)
+        else:
+            fault = inject(action, spec.definition.program, plan.fault_node, run, spec.fault_s,
+                           promote=(lambda: promote(db)) if db is not None else None)  # fmt: skip
         on_step(f"fault done ({fault.detail}); waiting for recovery")
         if db is not None:
             on_step(f"start {db.old}'s MariaDB again and re-attach it as a replica of {db.new}")

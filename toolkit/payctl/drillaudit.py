@@ -101,6 +101,13 @@ class Timeline:
     failed_during: int  # failures from the fault's start on
     requests_during: int  # requests from the fault's start to the recovery (or the end)
     recovered_after_s: float | None  # from the fault's start to the first STABLE_S of clean traffic after its end
+    # HTTP status -> requests, from the fault's start to the recovery (0: no response within the client's timeout)
+    statuses_during: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def statuses_text(self) -> str:
+        """``503: 41, 200: 12, 0: 2`` (most frequent first), or ``-`` when no request fell in the fault."""
+        return ", ".join(f"{code}: {n}" for code, n in self.statuses_during) or "-"
 
     @property
     def error_rate_during(self) -> float:
@@ -128,6 +135,7 @@ def timeline(requests: list[Request], fault_start: float, fault_end: float, stab
             break
     end = recovered_at if recovered_at is not None else float("inf")
     failed_during = sum(1 for r in after if not r.ok)
+    statuses = Counter(r.status for r in after if r.t < end)
     return Timeline(
         sent=len(reqs),
         acknowledged=sum(1 for r in reqs if r.ok),
@@ -135,6 +143,7 @@ def timeline(requests: list[Request], fault_start: float, fault_end: float, stab
         failed_during=failed_during,
         requests_during=sum(1 for r in after if r.t < end),
         recovered_after_s=None if recovered_at is None else max(0.0, recovered_at - fault_start),
+        statuses_during=tuple(sorted(statuses.items(), key=lambda kv: (-kv[1], kv[0]))),
     )
 
 

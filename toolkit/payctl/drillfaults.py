@@ -72,6 +72,11 @@ def _pid(node: Node, program: str, runner: CommandRunner) -> int:
     return st.pid
 
 
+def running_pid(node: Node, program: str, runner: CommandRunner) -> int:
+    """The pid supervisord reports for ``program`` on ``node`` (FaultError when it is not RUNNING)."""
+    return _pid(node, program, runner)
+
+
 def _children(pid: int, runner: CommandRunner) -> tuple[int, ...]:
     res = runner(["pgrep", "-P", str(pid)], 10)
     return tuple(int(x) for x in res.stdout.split() if x.isdigit())

@@ -30,10 +30,14 @@ def drill_cmd(
     scenario: str = typer.Argument(..., help=f"One of: {', '.join(drill.built())}."),
     inventory: str = typer.Option(..., "-i", "--inventory", help="A lab inventory (lab-1node, lab-2node)."),
     rps: int = typer.Option(15, "--rps", help="Payment flows per second (each: authorize, 60% capture, refunds)."),
-    duration: str = typer.Option("30s", "--duration", help="Whole load, e.g. 30s, 2m."),
+    duration: str = typer.Option(None, "--duration", help="Whole load, e.g. 30s, 2m (default 30s; disk-full 100s)."),
     warmup: str = typer.Option("8s", "--warmup", help="Load before the fault."),
-    fault_duration: str = typer.Option("8s", "--fault-duration", help="partition: how long the link stays down."),
-    recover_bound: str = typer.Option("60s", "--recover-bound", help="The fault's start to recovered, at most."),
+    fault_duration: str = typer.Option(
+        "8s", "--fault-duration", help="partition: how long the link stays down; disk-full: the disk stays full."
+    ),
+    recover_bound: str = typer.Option(
+        None, "--recover-bound", help="The fault's start to recovered, at most (default 60s; disk-full 100s)."
+    ),
     node: str = typer.Option(None, "--node", help="The node to fault (default: where the program runs)."),
     report_dir: Annotated[Path | None, typer.Option("--report-dir", help="Instead of reports/<...>-drill-X/.")] = None,
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what the drill would do; do nothing."),
@@ -46,14 +50,20 @@ def drill_cmd(
       payctl drill -i lab-1node kill-app --yes
 
       payctl drill -i lab-1node partition --rps 20 --duration 60s --fault-duration 10s --yes
+
+      payctl drill -i lab-1node disk-full --rps 15 --fault-duration 10s --yes
     """
+    known = drill.SCENARIOS.get(scenario)
     spec = drill.DrillSpec(
         scenario=scenario,
         rps=rps,
-        duration_s=parse_duration(duration, what="--duration"),
+        duration_s=parse_duration(duration, what="--duration") if duration else known.duration_s if known else 30.0,
         warmup_s=parse_duration(warmup, what="--warmup"),
         fault_s=parse_duration(fault_duration, what="--fault-duration"),
-        recover_bound_s=parse_duration(recover_bound, what="--recover-bound"),
+        recover_bound_s=(
+            parse_duration(recover_bound, what="--recover-bound") if recover_bound
+            else known.recover_bound_s if known else 60.0
+        ),
         node=node,
     )
     inv = load_inventory(inventory)
