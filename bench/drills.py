@@ -23,7 +23,7 @@ from payctl.inventory import load_inventory, resolve_inventory_path
 from payctl.paths import payctl_home
 
 DEFAULT = ("kill-app", "kill-app-all", "kill-relay", "kill-consumer", "kill-broker", "kill-redis", "partition",
-           "restart-node")  # fmt: skip
+           "restart-node", "disk-full")  # fmt: skip
 
 
 def main() -> int:
@@ -40,12 +40,15 @@ def main() -> int:
     out = args.out or Path("reports") / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{inv.deployment}-drills"
     results: list[drill.DrillResult] = []
     for name in args.scenarios.split(","):
+        known = drill.SCENARIOS.get(name)
         spec = drill.DrillSpec(
             scenario=name,
             rps=args.rps,
-            duration_s=parse_duration(args.duration),
+            # disk-full needs longer: MariaDB retries a full disk every 60 s (its own defaults when they are longer)
+            duration_s=max(parse_duration(args.duration), known.duration_s if known else 0.0),
             warmup_s=parse_duration(args.warmup),
             fault_s=parse_duration(args.fault_duration),
+            recover_bound_s=known.recover_bound_s if known else 60.0,
         )
         try:
             plan = drill.plan_drill(inv, spec, home=payctl_home().absolute(),
