@@ -14,8 +14,15 @@ their ratio. MariaDB and Redis are not pinned. The machine may be shared: every 
 -10 so that other work disturbs it less, the load average is printed with every step, and the CPU-per-request
 columns are the figures that noise disturbs least.
 
+``--baseline REV`` also serves the payapp of git revision REV (``git archive`` of its app/, its own database migrated
+by its own migrations) next to the working tree's, each idle but for the steps that load it: every authorize rate
+runs against the baseline and the working tree back to back, in alternating order, and a last table gives the CPU
+per request of both and their ratios. On a shared, noisy machine those ratios, measured seconds apart on the same
+MariaDB, are the figures to trust; achieved rates and latencies move with the neighbours' load.
+
     .venv/bin/python bench/bench_authorize.py                 # ~4 minutes
     .venv/bin/python bench/bench_authorize.py --step-seconds 5 --skip-knobs
+    .venv/bin/python bench/bench_authorize.py --baseline HEAD~1 --skip-knobs --skip-bare --rates 800,1200,1600
 """
 
 from __future__ import annotations
@@ -139,6 +146,21 @@ def k6_step(url: str, rate: int, seconds: int, out: Path, label: str, app_pid: i
                 (db1 - db0) / max(n, 1) * 1e6, load)
 
 
+def baseline_tree(rev: str, into: Path) -> Path:
+    """app/ of git revision ``rev`` extracted under ``into`` (no worktree: the shared repository is not touched);
+    returns the directory to put first on PYTHONPATH so that ``payapp`` and its workers import that revision."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "app/payapp"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into / "app"
+
+
+def imported_from(env: dict[str, str]) -> str:
+    """Where ``payapp`` is imported from under ``env`` (proof that a baseline runs the baseline's code)."""
+    return subprocess.run([sys.executable, "-c", "import payapp; print(payapp.__file__)"], env={**os.environ, **env},
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
 @contextmanager
 def payapp(base_env: dict[str, str], log: Path, **overrides: str) -> Iterator[tuple[str, int]]:
     port = free_port()
@@ -213,10 +235,30 @@ def best(steps: list[Step]) -> int:
     return max(good) if good else 0
 
 
+def cpu_comparison(base: list[Step], new: list[Step], base_name: str) -> None:
+    """CPU per request of the baseline and the working tree at each rate, and the ratios (new / baseline)."""
+    print(f"\nCPU per authorize, {base_name} vs working tree (same MariaDB, steps back to back)")
+    print(f"{'target/s':<10} {'base app':>9} {'new app':>8} {'ratio':>6} {'base db':>8} {'new db':>7} {'ratio':>6}"
+          f" {'base sum':>9} {'new sum':>8} {'ratio':>6}   us/req")
+    for b, n in zip(base, new, strict=True):
+        print(f"{b.rate:<10} {b.app_us:>9.0f} {n.app_us:>8.0f} {n.app_us / b.app_us:>6.2f} {b.db_us:>8.0f}"
+              f" {n.db_us:>7.0f} {n.db_us / b.db_us:>6.2f} {b.app_us + b.db_us:>9.0f} {n.app_us + n.db_us:>8.0f}"
+              f" {(n.app_us + n.db_us) / (b.app_us + b.db_us):>6.2f}")
+    weights = [s.achieved for s in base]  # mean over steps weighted by requests served
+    ba, na = (sum(w * s.app_us for w, s in zip(weights, x, strict=True)) / sum(weights) for x in (base, new))
+    bd, nd = (sum(w * s.db_us for w, s in zip(weights, x, strict=True)) / sum(weights) for x in (base, new))
+    print(f"{'mean':<10} {ba:>9.0f} {na:>8.0f} {na / ba:>6.2f} {bd:>8.0f} {nd:>7.0f} {nd / bd:>6.2f}"
+          f" {ba + bd:>9.0f} {na + nd:>8.0f} {(na + nd) / (ba + bd):>6.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step-seconds", type=int, default=8)
     parser.add_argument("--skip-knobs", action="store_true")
+    parser.add_argument("--skip-bare", action="store_true", help="no bare-handler ceiling")
+    parser.add_argument("--rates", help="authorize rates, comma-separated (default %(default)s)",
+                        default=",".join(map(str, AUTHORIZE_RATES)))
+    parser.add_argument("--baseline", metavar="REV", help="also run git revision REV's payapp, step by step")
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
@@ -245,19 +287,42 @@ def main() -> int:
             print(f"bench: MariaDB durable (flush at commit, sync_binlog=1), {seconds}s steps, app on CPU {APP_CPU},"
                   f" k6 on CPU {K6_CPU}, load average at start {os.getloadavg()[0]:.1f}; output in {out}")
 
-            with payapp(base, out / "payapp.log") as (url, pid):
-                k6_step(url, 300, 3, out, "warmup", pid, db_pid, record=False)
-                auth = [s for r in AUTHORIZE_RATES if (s := k6_step(url, r, seconds, out, "authorize", pid, db_pid))]
+            rates = [int(r) for r in args.rates.split(",")]
+            if args.baseline:
+                base_env = {"PYTHONPATH": str(baseline_tree(args.baseline, Path(tmp) / "baseline"))}
+                base_db = db.url(db="payapp_bench_baseline")
+                subprocess.run([str(BIN / "payapp"), "migrate"], check=True, capture_output=True,
+                               env={**os.environ, **base_env, "PAYAPP_DB_URL": base_db})
+                print(f"bench: baseline {args.baseline} imports {imported_from(base_env)}; working tree imports"
+                      f" {imported_from({})}")
+                with (payapp({**base, **base_env, "PAYAPP_DB_URL": base_db}, out / "baseline.log") as (b_url, b_pid),
+                      payapp(base, out / "payapp.log") as (url, pid)):
+                    for u, p in ((b_url, b_pid), (url, pid)):
+                        k6_step(u, 300, 3, out, "warmup", p, db_pid, record=False)
+                    base_steps, auth = [], []
+                    for i, r in enumerate(rates):
+                        order = [(base_steps, b_url, b_pid), (auth, url, pid)]
+                        for steps, u, p in order if i % 2 == 0 else order[::-1]:
+                            step = k6_step(u, r, seconds, out, "authorize", p, db_pid)
+                            assert step is not None
+                            steps.append(step)
+                table(f"authorize, baseline {args.baseline} (payapp serve, 1 worker)", base_steps)
+            else:
+                with payapp(base, out / "payapp.log") as (url, pid):
+                    k6_step(url, 300, 3, out, "warmup", pid, db_pid, record=False)
+                    auth = [s for r in rates if (s := k6_step(url, r, seconds, out, "authorize", pid, db_pid))]
             table("authorize (payapp serve, 1 worker)", auth)
+            if args.baseline:
+                cpu_comparison(base_steps, auth, f"baseline {args.baseline}")
 
-            with bare(out / "bare.log") as (url, pid):
-                k6_step(url, 300, 3, out, "warmup", pid, db_pid, record=False)
-                ceiling = [s for r in BARE_RATES if (s := k6_step(url, r, seconds, out, "bare", pid, db_pid))]
-            table("bare aiohttp handler (the ceiling)", ceiling)
-
-            a, b = best(auth), best(ceiling)
-            print(f"\nhighest rate with p95 <= {P95_LIMIT_MS:.0f} ms, 0 errors, >= 97% achieved:"
-                  f" authorize {a}/s, bare handler {b}/s, ratio {a / b if b else 0:.2f}")
+            if not args.skip_bare:
+                with bare(out / "bare.log") as (url, pid):
+                    k6_step(url, 300, 3, out, "warmup", pid, db_pid, record=False)
+                    ceiling = [s for r in BARE_RATES if (s := k6_step(url, r, seconds, out, "bare", pid, db_pid))]
+                table("bare aiohttp handler (the ceiling)", ceiling)
+                a, b = best(auth), best(ceiling)
+                print(f"\nhighest rate with p95 <= {P95_LIMIT_MS:.0f} ms, 0 errors, >= 97% achieved:"
+                      f" authorize {a}/s, bare handler {b}/s, ratio {a / b if b else 0:.2f}")
 
             if not args.skip_knobs:
                 knobs = []
