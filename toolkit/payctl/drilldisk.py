@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import posixpath
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from payctl.drillfaults import Fault, FaultError, Node, running_pid
 from payctl.serverchecks import CommandResult, CommandRunner
@@ -216,14 +216,3 @@ def disk_full(node: Node, runner: CommandRunner, fault_s: float, sleep: Callable
               "binlog copied back, tmpfs unmounted")  # fmt: skip
     return Fault(node.name, "disk-full", start, end, {}, detail)
 
-
-def leftovers(node: Node, runner: CommandRunner, files: Sequence[str] = ()) -> list[str]:
-    """What an earlier disk-full drill left on ``node`` (for tests and ``status``): the mount, symlinked binlogs."""
-    out = []
-    pid = running_pid(node, PROGRAM, runner)
-    if runner(in_mounts(pid, "mountpoint", "-q", mount_dir(node)), 10).returncode == 0:
-        out.append(f"{mount_dir(node)} is mounted")
-    for f in files:
-        if runner(["test", "-L", f], 10).returncode == 0:
-            out.append(f"{f} is a symlink")
-    return out
