@@ -97,7 +97,6 @@ class EventSettings:
     idempotency_retention_s: int
     lease_ttl_s: float
     consumer_max_attempts: int
-    consumer_fetch_wait_ms: int
     metrics_port: int
     consumer_metrics_port: int
     reconcile_tz: str
@@ -156,9 +155,6 @@ EVENT_SPECS: tuple[Spec, ...] = (
     Spec("LEASE_TTL_S", "lease_ttl_s", _float, "10", "relay lease; a standby takes over this long after a crash"),
     Spec("CONSUMER_MAX_ATTEMPTS", "consumer_max_attempts", int_range(1, 100), "3",
          "failures of one message before it goes to payment.dlq"),
-    Spec("CONSUMER_FETCH_WAIT_MS", "consumer_fetch_wait_ms", int_range(0, 5000), "50",
-         "how long the broker gathers records for the consumer's next fetch (fewer, larger batches: one MariaDB "
-         "transaction each); 0 = answer as soon as any record is there"),
     Spec("RELAY_METRICS_PORT", "metrics_port", int_range(0, 65535), "0",
          "relay's Prometheus port (outbox backlog and age, consumer lag, DLQ, latest reconciliation); 0 = off"),
     Spec("CONSUMER_METRICS_PORT", "consumer_metrics_port", int_range(0, 65535), "0",
@@ -264,14 +260,9 @@ def producer(s: EventSettings) -> AIOKafkaProducer:
 
 
 def consumer(s: EventSettings, *topics: str) -> AIOKafkaConsumer:
-    """The settlement consumer's client. With CONSUMER_FETCH_WAIT_MS the broker holds each fetch that long (or until
-    1 MiB is there) instead of answering with the first record: every batch costs a few round trips and a commit,
-    so fewer, larger batches cost less per event, for at most that much more latency."""
-    wait = s.consumer_fetch_wait_ms
     return AIOKafkaConsumer(
         *(s.topic(t) for t in topics), bootstrap_servers=s.require_bootstrap(), group_id=s.group,
         enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=500,
-        fetch_max_wait_ms=wait if wait else 500, fetch_min_bytes=1024 * 1024 if wait else 1,
     )
 
 
