@@ -2,9 +2,8 @@
 
 Each round the lease holder scans ``outbox_event`` for unpublished rows in ``id`` order (a scan, never a
 high-water mark: an id allocated earlier may commit later and must not be skipped), sends them with acks=all keyed
-by paymentId, waits for every ack, then marks them published (in the same round trip as the next round's scan).
-A crash between the ack and the mark republishes those rows: delivery is at least once and consumers dedupe by
-eventId. A payment's events are written under its
+by paymentId, waits for every ack, then marks them published. A crash between the ack and the mark republishes
+those rows: delivery is at least once and consumers dedupe by eventId. A payment's events are written under its
 row lock, so their ids are in sequence order and the single relay keeps that order per payment (= per partition).
 
 When acks do not come within ``RELAY_PUBLISH_TIMEOUT_S`` (broker down, not enough in-sync replicas) the producer
@@ -27,7 +26,6 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from payapp import db
-from payapp.db import Batch
 from payapp.events import (
     RELAY_SOURCE,
     TOPICS,
@@ -53,9 +51,6 @@ _LATEST_RECONCILE = (
     "SELECT is_balanced, UNIX_TIMESTAMP(created_at), unbalanced_payments,"
     " missing_settlements, settlement_mismatches FROM reconciliation_report ORDER BY report_id DESC LIMIT 1"
 )
-
-
-_MARK_PUBLISHED = "UPDATE outbox_event SET published_at = UTC_TIMESTAMP(6) WHERE id IN ({marks})"
 
 
 @dataclass
@@ -86,7 +81,6 @@ class Relay:
         self._abandoned: set[asyncio.Task[None]] = set()
         self._lease_renewed = 0.0
         self._purged_at = 0.0
-        self._acked: list[int] = []  # ids published and acked, marked in the next round's first round trip
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; survives broker and database outages by retrying."""
@@ -106,8 +100,6 @@ class Relay:
                     await sleep_until(stop, 1.0)
         finally:
             if conn is not None:
-                with contextlib.suppress(asyncmy.errors.MySQLError, OSError):
-                    await self._mark(conn)
                 if self.state.leader:
                     with contextlib.suppress(asyncmy.errors.MySQLError):
                         await release_lease(conn, LEASE, self.state.owner)  # a standby takes over at once
@@ -133,22 +125,14 @@ class Relay:
     async def _round(self, conn: asyncmy.Connection, stop: asyncio.Event) -> None:
         due = not self.state.leader or time.monotonic() - self._lease_renewed > self.s.lease_ttl_s / 3
         if due and not await self._renew(conn):
-            await self._mark(conn)  # acked before the lease was lost: still published
             await self._close_producer(graceful=False)
             await sleep_until(stop, self.s.lease_ttl_s / 3)
             return
-        # The previous round's acked rows are marked in the same round trip as this round's scan (the UPDATE
-        # commits first, so the scan no longer sees them): one round trip per round instead of two. Until then they
-        # are unmarked, which is what a crash after the acks always meant: published again, deduped by eventId.
-        batch = Batch()
-        if self._acked:
-            batch.add(_MARK_PUBLISHED.format(marks=",".join(["%s"] * len(self._acked))), *self._acked)
-        i_rows = batch.add(
+        rows = (await db.execute(
+            conn,
             "SELECT id, topic, payment_id, payload FROM outbox_event WHERE published_at IS NULL ORDER BY id LIMIT %s",
             self.s.relay_batch,
-        )
-        rows = (await batch.run(conn))[i_rows].rows
-        self._acked = []
+        )).rows
         await self._purge(conn)  # at most once a minute, also when the outbox never empties
         unroutable = [r for r in rows if str(r[1]) not in TOPICS]
         if unroutable:
@@ -159,18 +143,17 @@ class Relay:
             return
         if await self._publish(conn, rows):
             ids = [int(r[0]) for r in rows]
-            self._acked = ids
+            await db.execute(
+                conn,
+                f"UPDATE outbox_event SET published_at = UTC_TIMESTAMP(6) WHERE id IN ({','.join(['%s'] * len(ids))})",
+                *ids,
+            )
             self.state.published += len(ids)
             self.state.rounds += 1
             if len(rows) < self.s.relay_batch:
                 # A partial round means we are caught up: wait a poll interval so the next round carries a batch
                 # instead of one or two rows (fewer queries, fewer produce requests; <= RELAY_POLL_S of latency).
                 await sleep_until(stop, self.s.relay_poll_s)
-
-    async def _mark(self, conn: asyncmy.Connection) -> None:
-        if self._acked:
-            await db.execute(conn, _MARK_PUBLISHED.format(marks=",".join(["%s"] * len(self._acked))), *self._acked)
-            self._acked = []
 
     async def _dead_letter(self, conn: asyncmy.Connection, rows: list[tuple[Any, ...]]) -> None:
         """Rows whose topic this relay does not know (a newer release wrote them during a rolling upgrade, or a bug)
