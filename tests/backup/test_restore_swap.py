@@ -255,7 +255,10 @@ def test_the_typed_confirmation_is_the_deployment_name(typed: str, runs: bool, h
 
     def fake_run(req: restoreswap.ForceRequest, p: restoreswap.Prepared, hooks: object) -> object:
         ran.append(req)
-        raise SwapFailed("stop here")
+        done = restoreswap.SwapResult(sp, True, None, "0-1-480", "mysql-bin.000009", 25, 25, 25000, 25000,
+                                      ["report 7 2026-11-26 balanced=true debit=25000 credit=25000 payments=25"],
+                                      True, 12.34)  # fmt: skip
+        return restored(), done
 
     monkeypatch.setattr(restoreswap, "run_force", fake_run)
     monkeypatch.setattr("sys.stdin", Terminal(typed))
@@ -263,8 +266,18 @@ def test_the_typed_confirmation_is_the_deployment_name(typed: str, runs: bool, h
     out = capsys.readouterr().out
     assert out.index("REPLACES the data of the MariaDB primary node1") < out.index("type the deployment name (lab)")
     if runs:
-        assert code == 1 and len(ran) == 1
+        assert code == 0 and len(ran) == 1
         assert ran[0].command == ("payctl restore -i lab-1node --backup 20261125T170312Z --force --until "
                                   "2026-11-25T17:05:30+00:00")  # fmt: skip
+        kept = "/var/lib/payctl-lab/node1/data/mariadb.replaced-20261125T180000Z"
+        assert out.splitlines()[-6:] == [
+            "in service on node1: backup 20261125T170312Z up to -; 25 payments, last payment id 25, ledger debit "
+            "25000 credit 25000",
+            "  reconcile (in service): report 7 2026-11-26 balanced=true debit=25000 credit=25000 payments=25",
+            f"  old datadir kept as {kept}",
+            "  binlog continues in mysql-bin.000009, GTIDs after 0-1-480 (none of the old timeline reused)",
+            "  writers out of service 12.3 s; every node healthy",
+            "  next: take a backup of the new timeline: payctl backup -i lab-1node --yes",
+        ]
     else:
         assert code == 1 and not ran and "nothing changed (aborted)" in out
