@@ -231,7 +231,8 @@ def prime_command(p: SwapPlan, first_binlog: int, state: str) -> str:
             f"--skip-slave-start < /dev/null > {q(log)} 2>&1 & pid=$!; "
             f"up=; for i in $(seq 1 1200); do {p.admin} -N -B -e 'SELECT 1' >/dev/null 2>&1 && {{ up=1; break; }}; "
             f"kill -0 $pid 2>/dev/null || break; sleep 0.1; done; "
-            f"if [ -z \"$up\" ]; then kill $pid 2>/dev/null; wait $pid; tail -n 15 {q(log)} >&2; exit 1; fi; "
+            f"if [ -z \"$up\" ]; then kill $pid 2>/dev/null; wait $pid; "
+            f"tail -n 15 {q(log)} {q(p.prefix + '/logs/mariadb.err')} >&2; exit 1; fi; "
             f"{p.admin} -e {q(sql)}; rc=$?; kill $pid; wait $pid; [ $rc -eq 0 ] || exit $rc; "
             f"{write} > {q(p.datadir + '/mysql-bin.state')} && "
             f"chown --reference={q(p.datadir)} {q(p.datadir + '/mysql-bin.state')}")
