@@ -15,9 +15,9 @@ one second of traffic), and a CPU profile: CPU seconds per process during the la
 
 ``--compare REF`` is the before/after in one run: each rate is run twice in a row, first with app/payapp as it is in
 git revision REF (exported to a temp dir and put first on PYTHONPATH of serve, relay and consume), then with the
-working tree, on the same MariaDB, Kafka and machine load; the processes are restarted between the two. Per step it
-also prints CPU milliseconds per payment of each process and MariaDB's statement, commit and fsync counts per
-payment (SHOW GLOBAL STATUS deltas; they include the bench's own three backlog queries a second).
+working tree (or ``--new REF2``), on the same MariaDB, Kafka and machine load; the processes are restarted between
+the two. Per step it also prints CPU milliseconds per payment of each process and MariaDB's statement, commit and
+fsync counts per payment (SHOW GLOBAL STATUS deltas; they include the bench's own three backlog queries a second).
 
 Every step is bounded (k6 --duration, a drain deadline); every process is stopped by its pid at the end.
 """
@@ -25,6 +25,7 @@ Every step is bounded (k6 --duration, a drain deadline); every process is stoppe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -102,14 +103,27 @@ def main() -> int:
                     help="run relay and consumer under cProfile (CPU time, not wall time); print their top functions")
     ap.add_argument("--compare", metavar="REF", default=None,
                     help="before/after: run each rate with app/payapp of git revision REF, then with the work tree")
+    ap.add_argument("--new", metavar="REF", default=None,
+                    help="with --compare: the 'after' is app/payapp of git revision REF instead of the work tree "
+                         "(leaves out uncommitted changes in a shared tree)")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
     variants = ["base", "new"] if args.compare else ["new"]
 
     base = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    mariadb = MariaDB(base / "mariadb", extra={"innodb_buffer_pool_size": "512M"}).start()
-    redis = Redis(base / "redis").start()
-    kafka = Kafka(base / "kafka").start()
+    mariadb = MariaDB(base / "mariadb", extra={"innodb_buffer_pool_size": "512M"})
+    redis = Redis(base / "redis")
+    kafka = Kafka(base / "kafka")
+    try:
+        mariadb.start()
+        redis.start()
+        kafka.start()
+    except BaseException:  # also Ctrl-C while Kafka starts: nothing is left running
+        for service in (kafka, redis, mariadb):
+            with contextlib.suppress(Exception):
+                service.stop()
+        shutil.rmtree(base, ignore_errors=True)
+        raise
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYAPP_")} | {
         "PAYAPP_DB_URL": mariadb.url(db="bench"), "PAYAPP_REDIS_URL": redis.url(),
@@ -118,12 +132,14 @@ def main() -> int:
         "PAYAPP_RECONCILE_SETTLE_LAG_S": "0",
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    old_src = base / "baseline"
-    if args.compare:
-        old_src.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.compare, "app/payapp"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive, check=True)
+    sources: dict[str, Path] = {}  # variant -> exported tree whose app/ goes first on PYTHONPATH
+    for variant, ref in (("base", args.compare), ("new", args.new if args.compare else None)):
+        if ref:
+            sources[variant] = base / f"src-{variant}"
+            sources[variant].mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "app/payapp"], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(sources[variant])], input=archive, check=True)
     profiles: list[tuple[str, Path]] = []
 
     def start(name: str, variant: str, *argv: str) -> None:
@@ -138,7 +154,7 @@ def main() -> int:
             cmd = [str(VENV / "python"), "-c",
                    "import cProfile, time; from payapp.cli import main; p = cProfile.Profile(time.process_time)\n"
                    f"try:\n    p.runcall(main, {list(argv)!r})\nfinally:\n    p.dump_stats({str(prof)!r})"]
-        penv = env | ({"PYTHONPATH": str(old_src / "app")} if variant == "base" else {})
+        penv = env | ({"PYTHONPATH": str(sources[variant] / "app")} if variant in sources else {})
         procs[name] = subprocess.Popen(cmd, env=penv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop_all() -> None:
@@ -288,7 +304,8 @@ def main() -> int:
             ok = [r for r in results if r["variant"] == variant and r["p95"] <= 25 and r["errors"] == 0
                   and r["dropped"] == 0 and r["left"] <= r["rate"] and r["drained"]]
             best = max(ok, key=lambda r: r["achieved"]) if ok else None
-            label = f" [{variant}: {args.compare if variant == 'base' else 'work tree'}]" if args.compare else ""
+            label = (f" [{variant}: {args.compare if variant == 'base' else (args.new or 'work tree')}]"
+                     if args.compare else "")
             print(f"highest full-flow rate with HTTP p95 <= 25 ms, 0 errors, bounded backlog{label}: "
                   + (f"{best['achieved']:.0f} payments/s (step {best['rate']}/s), capture->settled p95 "
                      f"{best['e2e_p95']:.0f} ms" if best else "none of the steps"))
