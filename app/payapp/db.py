@@ -112,8 +112,12 @@ class Pool:
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[asyncmy.Connection]:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for runs the acquire in a task of its own and can drop
+        # a connection it got just as the wait is cancelled (the id reservation's bound cancels such waits): every
+        # lost one stays checked out for good, and after pool-size of them the worker answers 503 forever.
         try:
-            conn: asyncmy.Connection = await asyncio.wait_for(self.raw.acquire(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                conn: asyncmy.Connection = await self.raw.acquire()
         except TimeoutError:
             raise PoolTimeout(f"no free database connection within {self.timeout:g}s") from None
         deadline = asyncio.timeout(self.query_timeout)
