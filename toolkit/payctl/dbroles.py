@@ -173,6 +173,8 @@ def _failover_db(req: FailoverRequest, hooks: Progress, db_nodes: list[str]) -> 
             others = [nodes[n] for n in answering if n not in (req.promote, old)]
             result = failover.promote([nodes[req.promote], *others], nodes.get(old) if old else None, spec,
                                       step=lambda s: hooks.step(req.promote, s))  # fmt: skip
+            if old and old not in nodes:  # its host does not answer: promote() only saw "(unknown)"
+                result.old_primary = old
             if result.new_primary != req.promote:
                 hooks.step(None, f"{result.new_primary} was more advanced than {req.promote} and was promoted")
         new_live = LiveRoles(mariadb_primary=result.new_primary, redis_master=live.redis_master)
