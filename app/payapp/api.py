@@ -187,7 +187,10 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
                 code = _HTTP_CODES.get(exc.status, f"HTTP_{exc.status}")
                 allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # a 405 must name them
                 response = _error(app, ApiError(exc.status, code, exc.reason, headers=allow))
-        except (BatchError, asyncmy.errors.MySQLError, ConnectionError) as exc:
+        except (BatchError, asyncmy.errors.MySQLError, OSError, EOFError) as exc:
+            # OSError: refused/reset connections; EOFError: asyncio.IncompleteReadError, a server connection cut
+            # mid-reply (e.g. closed by the query timeout while MariaDB waits on a full disk). Both are the database
+            # being unavailable, not a bug of this request.
             log.warning("%s %s: database unavailable: %s", request.method, request.path, exc)
             response = _error(app, ApiError(503, "SERVICE_UNAVAILABLE", "database unavailable; retry later",
                                             headers={"Retry-After": "1"}))

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from payapp.keys import DB_POOL
+import pytest
+
+from payapp.keys import DB_POOL, PAYMENTS
 from payapp.settings import Settings
 from tests.app.conftest import AppDatabase, app_client, make_env, merchant
 from tests.app.test_api import assert_error, authorize, call
@@ -37,3 +40,22 @@ async def test_a_request_waiting_longer_than_the_pool_timeout_gets_503(
 async def test_no_timeout_by_default(app_db: AppDatabase, redis_server: Redis) -> None:
     async with app_client(Settings.from_env(make_env(app_db.url, redis_server.url()))) as client:
         assert client.app[DB_POOL].timeout is None
+
+
+async def test_a_database_connection_cut_mid_reply_is_503_not_500(
+    app_db: AppDatabase, redis_server: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection the server (or the query timeout) cuts while a reply is read surfaces from the driver as
+    asyncio.IncompleteReadError (an EOFError, not a ConnectionError): the database is unavailable, so 503 + Retry-After
+    in the error shape, never 500. The seam: the app's payments service (ours) raising what the driver raised."""
+    async with app_client(Settings.from_env(make_env(app_db.url, redis_server.url()))) as client:
+        service = client.app[PAYMENTS]
+
+        async def cut(req: object) -> None:
+            raise asyncio.IncompleteReadError(b"\x07\x00", 11)
+
+        monkeypatch.setattr(service, "authorize", cut)
+        status, body, headers = await call(client, "POST", "/payments/authorize", {
+            "merchantId": merchant(), "amount": 1_000, "currency": "KRW", "idempotencyKey": "cut"})  # fmt: skip
+        assert_error(status, body, 503, "SERVICE_UNAVAILABLE")
+        assert headers["Retry-After"] == "1"
