@@ -1,8 +1,10 @@
 """The deploy engine against a real lab host (lab-1node: netns + sshd + cgroup, real MariaDB, Redis, Kafka, nginx).
 
-One module-scoped lab; the tests run in file order: phase 1 apply → a payment through nginx → re-apply is a no-op →
-kill -9 of the app's master → concurrent apply fails on the lock → bad key / unreachable → missing secrets refused →
-phase 3 on top → status/logs → down, then lab down leaves nothing behind.
+One module-scoped lab; the tests run in file order: a host already running something on 3306 is refused before any
+change → phase 1 apply → a payment through nginx → re-apply is a no-op → kill -9 of the app's master → concurrent
+apply fails on the lock → bad key / unreachable → missing secrets refused → phase 3 on top, interrupted with Ctrl-C
+(SIGINT) half-way, then the same command completes it → status/logs → TLS turned on and off again → down, then lab
+down leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from payctl import lab, lock, operate
 from payctl.cli import run
@@ -32,6 +37,12 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 PREFIX = Path("/var/lib/payctl-lab/node1")
 CONF = PREFIX / "supervisor" / "supervisord.conf"
 APPLY = ["phase1", "apply", "-i", "lab-1node", "--yes", "--no-verify"]
+REPO = Path(__file__).resolve().parents[2]
+LOCK_FILE = PREFIX / "payctl" / "lock.json"
+SQUATTER = (
+    "import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+    "s.bind(('0.0.0.0', 3306)); s.listen(); print('listening', flush=True); time.sleep(600)"
+)
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,34 @@ def alive(pid: int) -> bool:
 def last_audit(home: Path) -> dict[str, object]:
     lines = (home / "lab" / "audit.jsonl").read_text().splitlines()
     return dict(json.loads(lines[-1]))
+
+
+def test_a_host_already_running_something_on_3306_is_refused_before_any_change(
+    deployed: Deployed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    namespace = lab.layout(deployed.inventory)[0].namespace
+    squatter = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-c", SQUATTER],
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline().strip() == "listening"
+        started = time.monotonic()
+        rc = run(APPLY)
+        took = time.monotonic() - started
+        err = capsys.readouterr().err
+    finally:
+        squatter.kill()
+        squatter.wait(timeout=10)
+    assert rc == 1, err
+    assert (
+        f'error: node1: port 3306 on 10.77.0.11 (mariadb) is already taken by "python3" (pid {squatter.pid}), '
+        "listening on 0.0.0.0:3306\n" in err.replace("python3.11", "python3")
+    ), err
+    assert "hint: payctl never takes over a port it did not open" in err
+    assert took < 60, took  # refused up front, not after a health-check timeout
+    # Nothing was written: no config, no supervisor, no deployment marker; the lock is released.
+    assert not (PREFIX / "mariadb" / "my.cnf").exists() and not (PREFIX / "supervisor" / "supervisord.conf").exists()
+    assert not (PREFIX / "payctl" / "deployment.json").exists() and not LOCK_FILE.exists()
+    assert last_audit(deployed.home)["result"] == "failed"
 
 
 def test_phase1_apply_serves_a_payment_through_nginx(deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:
@@ -293,14 +332,41 @@ def test_missing_local_secrets_for_a_live_deployment_is_refused(
         shutil.move(aside, secrets)
 
 
-def test_phase3_on_top_adds_the_consumer(deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = run(["phase3", "apply", "-i", "lab-1node", "--yes", "--no-verify"])
-    out = capsys.readouterr()
-    assert rc == 0, out.err + out.out
+def test_phase3_on_top_interrupted_with_ctrl_c_then_the_same_command_completes_it(
+    deployed: Deployed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    phase3 = ["phase3", "apply", "-i", "lab-1node", "--yes", "--no-verify"]
+    env = {**os.environ, "PAYCTL_HOME": str(deployed.home)}
+    first = subprocess.Popen([str(Path(sys.executable).parent / "payctl"), *phase3], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        # Interrupt once the apply has written phase 3's supervisor config (the consumer program): half-applied.
+        wait_until(lambda: "payctl-consumer" in CONF.read_text(), timeout=240, what="phase 3's supervisor config")
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(timeout=10)
+    lock_file = PREFIX / "payctl" / "lock.json"
+    if first.returncode == 0:  # the apply finished before the signal landed: nothing was interrupted
+        pytest.fail(f"the phase 3 apply ended before SIGINT reached it; nothing was tested:\n{out[-2000:]}")
+    assert first.returncode == 130, (out, err)
+    assert not lock_file.exists()  # released on the way out
+    record = last_audit(deployed.home)
+    assert (record["result"], record["error"]) == ("failed", "interrupted (SIGINT) during the apply")
+    # No traceback (gevent printed the interrupted greenlet's before hosts.connect told its hub that KeyboardInterrupt
+    # is not an error to print), and one clear line (typer used to turn the interrupt into a silent exit 130).
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "error: interrupted (Ctrl-C) during payctl phase3 apply\n" in err, err
+    # The same command completes the job.
+    rc = run(phase3)
+    out2 = capsys.readouterr()
+    assert rc == 0, out2.err + out2.out
     states = programs()
     assert states.get("payctl-consumer", ("absent", None))[0] == "RUNNING", states
     assert healthy()
-    assert last_audit(deployed.home)["phase"] == 3
+    assert last_audit(deployed.home)["phase"] == 3 and last_audit(deployed.home)["result"] == "ok"
 
 
 def test_status_and_logs(deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:
@@ -326,6 +392,41 @@ def test_logs_follow_prints_lines_written_after_it_started(deployed: Deployed) -
     later = next((text for _, text in chunks if marker in text), "")
     chunks.close()
     assert later.strip() == marker  # exactly the new line, without the old ones or a header
+
+
+def test_tls_turned_on_in_a_lab_inventory_ships_a_generated_pair_and_serves_https(
+    deployed: Deployed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = yaml.safe_load((REPO / "inventories" / "lab-1node.yml").read_text())
+    data["tls"] = {"enabled": True}
+    inv_path = tmp_path / "lab-tls.yml"
+    inv_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert run(["phase1", "apply", "-i", str(inv_path), "--yes", "--no-verify"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "BEGIN" not in out and "PRIVATE KEY" not in out  # the key never shows in the preview
+    assert "health node1: nginx → app /health ok" in out
+    key = PREFIX / "nginx" / "tls" / "server.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    local = deployed.home / "lab" / "tls"
+    assert key.read_text() == (local / "server.key").read_text()
+    assert (local / "server.key").stat().st_mode & 0o777 == 0o600
+    ctx = ssl.create_default_context(cafile=str(local / "server.crt"))  # the self-signed cert names 10.77.0.11
+    with urllib.request.urlopen("https://10.77.0.11/health", timeout=5, context=ctx) as resp:
+        assert json.loads(resp.read())["status"] == "ok"
+        assert resp.headers["Strict-Transport-Security"] == "max-age=63072000"
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    with pytest.raises(urllib.error.HTTPError) as redirect:
+        opener.open("http://10.77.0.11/health", timeout=5)
+    assert redirect.value.code == 301 and redirect.value.headers["Location"] == "https://10.77.0.11/health"
+    # Back to plain HTTP with the bundled inventory: nginx reloaded, no restart of anything else.
+    assert run(APPLY) == 0, capsys.readouterr().err
+    with urllib.request.urlopen("http://10.77.0.11/health", timeout=5) as resp:
+        assert json.loads(resp.read())["status"] == "ok"
 
 
 def test_down_then_lab_down_leave_nothing_behind(deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:

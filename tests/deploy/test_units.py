@@ -127,6 +127,7 @@ def test_facts_script_reads_a_prefix(tmp_path: Path) -> None:
     (tmp_path / "payctl").mkdir()
     (tmp_path / "payctl" / "deployment.json").write_text('{"deployment": "lab", "secrets": "abc"}\n')
     (tmp_path / "payctl" / "migrated").write_text("f00\n")
+    (tmp_path / runtimes.PENDING).write_text("redis/redis.conf\nsupervisor/supervisord.conf\n")
     (tmp_path / "wheelhouse").mkdir()
     (tmp_path / "wheelhouse" / wheelhouse.MANIFEST).write_text("x  a.whl\n")
     ok, out, err = local_shell(runtimes.facts_script(str(tmp_path), "127.0.0.1"))
@@ -136,6 +137,7 @@ def test_facts_script_reads_a_prefix(tmp_path: Path) -> None:
     assert json.loads(facts.marker)["secrets"] == "abc"
     assert facts.migrated == "f00" and facts.supervisord_pid is None
     assert facts.bundles == {"wheelhouse": runtimes.sha256_text("x  a.whl\n")}
+    assert facts.pending == ("redis/redis.conf", "supervisor/supervisord.conf")  # an interrupted apply's files
     assert runtimes.parse_facts("").live is False
 
 

@@ -1,6 +1,6 @@
 """Bad configuration given to `payctl phaseN apply`: each refused with the exact message, hint and exit code, before
-any host is contacted (cases that need hosts are in tests/deploy/test_lab_apply.py, tests/lab/test_lab_e2e.py and
-test_lab_bad_config.py; docs/reliability.md links them all)."""
+any host is contacted (cases that need hosts are in tests/deploy/test_lab_apply.py and tests/lab/test_lab_e2e.py;
+docs/reliability.md links them all)."""
 
 from __future__ import annotations
 

@@ -74,6 +74,7 @@ class NodeFacts:
     users_applied: str = ""  # sha256 of the users.sql last applied successfully
     migrated: str = ""  # sha256 of the wheelhouse manifest whose migrations ran successfully
     firewall: str = ""  # sha256 of the nftables.conf last loaded, when its table is still loaded
+    pending: tuple[str, ...] = ()  # files an interrupted apply wrote whose restarts/reloads did not run (PENDING)
 
     @property
     def live(self) -> bool:
@@ -95,6 +96,7 @@ for b in wheelhouse kafka/lib; do
 done
 [ -f "$P/payctl/users.applied" ] && echo "users_applied=$(cat "$P/payctl/users.applied")"
 [ -f "$P/payctl/migrated" ] && echo "migrated=$(cat "$P/payctl/migrated")"
+[ -f "$P/{PENDING}" ] && echo "pending=$(tr '\\n' ',' < "$P/{PENDING}")"
 [ -f "$P/{FIREWALL_APPLIED}" ] && nft list table inet payctl >/dev/null 2>&1 && \
   echo "firewall=$(cat "$P/{FIREWALL_APPLIED}")"
 pid=$(cat "$P/run/supervisord.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null && echo "supervisord=$pid"
@@ -136,6 +138,7 @@ def parse_facts(text: str) -> NodeFacts:
         users_applied=kv.get("users_applied", ""),
         migrated=kv.get("migrated", ""),
         firewall=kv.get("firewall", ""),
+        pending=tuple(x for x in kv.get("pending", "").split(",") if x),
     )
 
 
@@ -255,6 +258,42 @@ def _put_rendered(ops: _Ops, ctx: BuildContext, dest_root: str) -> list[str]:
         if ops.add(f"write {path}", files.put, src=io.StringIO(f.text), dest=dest, mode=f"{f.mode:o}"):
             changed.append(path)
     return changed
+
+
+PENDING = "payctl/pending-effects"
+
+
+def _planned_changes(ctx: BuildContext, dest_root: str) -> list[str]:
+    """The rendered files ``_put_rendered`` will write (same rules), known before any operation runs."""
+    paths = sorted(ctx.files)
+    if ctx.only:
+        keep = set(components.files_for_component(ctx.only, paths))
+        paths = [p for p in paths if p in keep]
+    return [
+        path for path in paths
+        if not (ctx.files[path].write_once and ctx.facts.sentinel_conf)
+        and not _same(ctx, f"{dest_root}/{path}", ctx.files[path].text, ctx.files[path].mode)
+    ]  # fmt: skip
+
+
+def _record_pending(ops: _Ops, ctx: BuildContext, p: str, planned: list[str]) -> list[str]:
+    """Before writing files, record them on the node: an apply interrupted between a file's write and the restart
+    of its reader (Ctrl-C, a lost SSH session) leaves the file in place, so the next apply would find nothing changed
+    and never restart it. That apply reads the record back (``NodeFacts.pending``) and runs the effects then; the
+    record is cleared once they ran (``_clear_pending``). Returns the files carried over from an earlier apply."""
+    carried = [x for x in ctx.facts.pending if x not in planned and x in ctx.files]
+    if planned:
+        text = "".join(f"{x}\n" for x in sorted({*ctx.facts.pending, *planned}))
+        ops.add("record the files whose restarts are pending", files.put, src=io.StringIO(text),
+                dest=f"{p}/{PENDING}", mode="600")  # fmt: skip
+    if carried:
+        ops.work.actions.append(f"restarts pending from an interrupted apply: {', '.join(carried)}")
+    return carried
+
+
+def _clear_pending(ops: _Ops, ctx: BuildContext, p: str, planned: list[str]) -> None:
+    if planned or ctx.facts.pending:
+        ops.shell("clear the pending restarts (they ran)", f"rm -f {shlex.quote(p + '/' + PENDING)}")
 
 
 def sha256_text(text: str) -> str:
@@ -426,8 +465,11 @@ def build_lab(ctx: BuildContext, marker_text: str) -> NodeWork:
         pkgs += list(MONITORING_PACKAGES)
     if ops.add("system packages", apt.packages, packages=pkgs, update=False):
         work.packages += pkgs
+    planned = _planned_changes(ctx, p)
+    carried = _record_pending(ops, ctx, p, planned)
     changed = _put_rendered(ops, ctx, p)
     work.files += changed
+    effective = [*changed, *carried]  # what readers must see: written now, or by an apply that was cut short
     _firewall(ops, ctx)
     _kafka_steps(ops, ctx, changed)
     installed = _install_app(ops, ctx)
@@ -451,7 +493,7 @@ def build_lab(ctx: BuildContext, marker_text: str) -> NodeWork:
             "echo 'supervisord did not open its socket within 10s' >&2; exit 1",
         )
         work.actions.append(f"start supervisord with {len(programs)} programs")
-    elif "supervisor/supervisord.conf" in changed:
+    elif "supervisor/supervisord.conf" in effective:
         ops.shell("supervisor: reread and update changed programs", f"{ctl} reread && {ctl} update")
         work.actions.append("supervisorctl update (programs whose section changed restart)")
     migrate = _users_and_migrate(ops, ctx, changed, initialised=initialised, installed=installed)
@@ -460,8 +502,9 @@ def build_lab(ctx: BuildContext, marker_text: str) -> NodeWork:
         app_programs = [x for x in programs if x in components.APP_PROGRAMS]
         if app_programs:
             ops.shell("start the app programs now that the schema exists", _restart_cmd(ctl, app_programs))
+        _clear_pending(ops, ctx, p, planned)
         return work
-    fx = components.effects([*changed, *work.artefacts], programs)
+    fx = components.effects([*effective, *work.artefacts], programs)
     restart = list(fx.restart)
     if migrate:
         restart += [x for x in programs if x in components.APP_PROGRAMS and x not in restart]
@@ -471,6 +514,7 @@ def build_lab(ctx: BuildContext, marker_text: str) -> NodeWork:
     for prog in fx.reload:
         ops.shell(f"reload {prog} (SIGHUP)", f"{ctl} signal HUP {q(prog)}")
         work.reload.append(prog)
+    _clear_pending(ops, ctx, p, planned)
     return work
 
 
@@ -536,6 +580,8 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
                 group="mysql", mode="700")  # fmt: skip
     rendered = {k: v for k, v in ctx.files.items() if not k.startswith("systemd/")}
     units = {k: v for k, v in ctx.files.items() if k.startswith("systemd/")}
+    planned = _planned_changes(replace(ctx, files=rendered), p)
+    carried = _record_pending(ops, ctx, p, planned)
     changed = _put_rendered(ops, replace(ctx, files=rendered), p)
     work.files += changed
     _firewall(ops, ctx)
@@ -558,7 +604,7 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
         work.actions.append("initialise the MariaDB datadir (once)")
     _marker(ops, ctx, marker_text)
     programs = [n for n in (components.unit_of(u) for u in sorted(units)) if n]
-    fx = components.effects([*changed, *unit_changed, *work.artefacts], programs)
+    fx = components.effects([*changed, *carried, *unit_changed, *work.artefacts], programs)
     if "payctl-mariadb" in programs:
         ops.add(
             "systemd payctl-mariadb",
@@ -577,6 +623,7 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
                 reloaded=name in fx.reload, daemon_reload=bool(unit_changed))  # fmt: skip
         if restart:
             work.restart.append(name)
+    _clear_pending(ops, ctx, p, planned)
     return work
 
 
