@@ -133,10 +133,19 @@ def _add_node_under_load(lab_home: Path, capsys: pytest.CaptureFixture[str]) -> 
     print(f"Sentinels after add-node: all name {master}:6379 as master")
     # Kafka: three voters (node1, node2, witness), every topic with 2 in-sync replicas, the app's topics min ISR 2.
     tools = kafkajoin.KafkaHost("root", LocalIO(), str(ensure_jars()), str(lab_home / "kafka-tools"))
-    assert kafkajoin.voters(tools, "10.77.0.11:9093") == {1, 2, 3}
-    topics = kafkajoin.describe(tools, "10.77.0.11:9092,10.77.0.12:9092")
+    # A starved controller (this box at load average 20) answers late: "Timed out waiting for a node assignment".
+    assert kafkajoin.voters(tools, "10.77.0.11:9093", wait_s=240) == {1, 2, 3}
+    # add-node waited for 2 in-sync replicas everywhere; a follower that misses replica.lag.time.max.ms (30 s) on
+    # this loaded 2-core box drops out of the ISR for a while and rejoins, which is Kafka doing its job: wait for it.
+    deadline = time.monotonic() + 180
+    while True:
+        topics = kafkajoin.describe(tools, "10.77.0.11:9092,10.77.0.12:9092")
+        short = [(t.name, p.partition, p.isr) for t in topics for p in t.partitions if sorted(p.isr) != [1, 2]]
+        if not short or time.monotonic() > deadline:
+            break
+        print(f"{len(short)} partitions not at 2 in-sync replicas yet, e.g. {short[:2]}")
+        time.sleep(5)
     assert "__consumer_offsets" in {t.name for t in topics} and len(topics) >= 3, [t.name for t in topics]
-    short = [(t.name, p.partition, p.isr) for t in topics for p in t.partitions if sorted(p.isr) != [1, 2]]
     assert short == []
     assert {t.name: t.configs.get("min.insync.replicas") for t in topics if not t.name.startswith("__")} == {
         t.name: "2" for t in topics if not t.name.startswith("__")}  # fmt: skip
