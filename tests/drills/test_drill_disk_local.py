@@ -8,35 +8,16 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from payctl.drilldisk import disk_full, mount_dir
 from payctl.drillfaults import Node
-from payctl.serverchecks import CommandResult
+from tests.support.runners import LoopbackRunner
 from tests.support.services import MariaDB
 
 pytestmark = pytest.mark.slow
-
-
-class LocalNode:
-    """``ip netns exec NS argv`` runs argv here; supervisord's status names the local mariadbd."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.calls: list[list[str]] = []
-
-    def __call__(self, argv: Sequence[str], timeout: float) -> CommandResult:
-        argv = list(argv)
-        self.calls.append(argv)
-        if argv[:3] == ["ip", "netns", "exec"]:
-            argv = argv[4:]
-        if argv[0] == "supervisorctl":
-            return CommandResult(0, f"payctl-mariadb   RUNNING   pid {self.pid}, uptime 0:01:00\n", "")
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-        return CommandResult(p.returncode, p.stdout, p.stderr)
 
 
 def test_the_fault_fills_the_binlog_disk_and_puts_everything_back(tmp_path: Path) -> None:
@@ -68,7 +49,7 @@ def test_the_fault_fills_the_binlog_disk_and_puts_everything_back(tmp_path: Path
         server.sql("CREATE DATABASE t; CREATE TABLE t.ballast (id INT AUTO_INCREMENT PRIMARY KEY, v TEXT)")
         before = server.sql("SHOW MASTER STATUS").split()[0]
         writer.start()
-        runner = LocalNode(server.proc.pid)
+        runner = LoopbackRunner(server.proc.pid, "payctl-mariadb")
         fault = disk_full(node, runner, 2.0)
         stop.set()
         writer.join(90)

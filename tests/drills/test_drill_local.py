@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,8 +20,8 @@ from payctl import drill, lock
 from payctl.drillaudit import DbFacts, facts_argv, judge, parse_log
 from payctl.drillfaults import Node
 from payctl.gate import check_target
-from payctl.serverchecks import CommandResult
 from tests.app.conftest import make_env, new_database, start_serve
+from tests.support.runners import LoopbackRunner
 from tests.support.services import MariaDB, Redis
 
 pytestmark = pytest.mark.slow
@@ -80,25 +80,6 @@ def test_acknowledged_payments_are_found_and_the_missing_pipeline_is_reported(
     again = judge(log, _facts(env_file, prefix))
     assert again.duplicates["payments without their own idempotency key"] == 1
     assert "1 payments with an unbalanced ledger (e.g. 999999999)" in again.problems
-
-
-class LoopbackRunner:
-    """Stands in for the lab hosts at the runner seam: ``ip netns exec NS argv`` runs argv here, supervisord's status
-    is the one program ``payctl-app`` (the real ``payapp serve`` master); ``pgrep``/``kill`` are the real ones."""
-
-    def __init__(self, master_pid: int) -> None:
-        self.master_pid = master_pid
-        self.calls: list[list[str]] = []
-
-    def __call__(self, argv: Sequence[str], timeout: float) -> CommandResult:
-        argv = list(argv)
-        self.calls.append(argv)
-        if argv[:3] == ["ip", "netns", "exec"]:
-            argv = argv[4:]
-        if argv[0] == "supervisorctl":
-            return CommandResult(0, f"payctl-app    RUNNING   pid {self.master_pid}, uptime 0:01:00\n", "")
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-        return CommandResult(p.returncode, p.stdout, p.stderr)
 
 
 def _local_shell(_: str) -> Callable[[str], tuple[bool, str, str]]:

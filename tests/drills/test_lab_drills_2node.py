@@ -6,22 +6,18 @@ payment. Runs after add-node's planned switchover (order 3): the deployment it l
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support.labs import SharedLab
+from tests.support.labs import SharedLab, mariadb_sql
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.shared_lab("lab-2node", 5, order=3)]
 PREFIX = {"node1": Path("/var/lib/payctl-lab/node1"), "node2": Path("/var/lib/payctl-lab/node2")}
 
 
 def sql(node: str, statement: str) -> str:
-    out = subprocess.run(["mariadb", f"--socket={PREFIX[node]}/run/mariadb.sock", "-uroot", "-N", "-B", "-e",
-                          statement], capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    return mariadb_sql(PREFIX[node] / "run" / "mariadb.sock", statement)
 
 
 def writable() -> str:

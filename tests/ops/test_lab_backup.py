@@ -8,7 +8,6 @@ sending and 300 requests). The scratch instance is removed at the end; the deplo
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 import urllib.error
@@ -22,7 +21,7 @@ import pytest
 
 from payctl.backup import Manifest, list_backups
 from payctl.cli import run
-from tests.support.labs import SharedLab
+from tests.support.labs import SharedLab, mariadb_sql
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.shared_lab("lab-1node", 4)]
 LB = "http://10.77.0.11"
@@ -66,10 +65,7 @@ class Load:
 
 
 def sql(socket: str, statement: str) -> str:
-    out = subprocess.run(["mariadb", f"--socket={socket}", "-uroot", "-N", "-B", "-e", statement],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    return mariadb_sql(socket, statement)
 
 
 def test_backup_under_load_then_point_in_time_restore_between_two_payments(

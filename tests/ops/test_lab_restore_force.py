@@ -20,17 +20,14 @@ from datetime import UTC, datetime
 import pytest
 
 from payctl.backup import list_backups
-from tests.support.labs import PAYCTL, SharedLab
+from tests.support.labs import PAYCTL, SharedLab, mariadb_sql
 from tests.support.loads import LB, authorize
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.shared_lab("lab-1node", 4, order=1)]
 
 
 def sql(socket: str, statement: str) -> str:
-    out = subprocess.run(["mariadb", f"--socket={socket}", "-uroot", "-N", "-B", "-e", statement],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    return mariadb_sql(socket, statement)
 
 
 def pay(n: int) -> None:

@@ -29,7 +29,7 @@ from payctl.inventory import load_inventory
 from payctl.secrets import load_or_create
 from tests.scale.conftest import LocalIO
 from tests.support.kafka import ensure_jars
-from tests.support.labs import MANAGER, SharedLab
+from tests.support.labs import MANAGER, SharedLab, mariadb_sql
 from tests.support.loads import Load, authorize
 
 # After the lab-1node phase-4 tests, before the upgrade tests (order 1); the fault tests below come after those
@@ -69,10 +69,7 @@ def supervisorctl(prefix: Path, *args: str) -> str:
 
 
 def sql(prefix: Path, statement: str) -> str:
-    out = subprocess.run(["mariadb", f"--socket={prefix}/run/mariadb.sock", "-uroot", "-N", "-B", "-e", statement],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    return mariadb_sql(prefix / "run" / "mariadb.sock", statement)
 
 
 def served(address: str) -> float:

@@ -208,3 +208,11 @@ def shared_lab_order(item: pytest.Item) -> tuple[int, str, int]:
     assert marker is not None
     inventory, phase = marker.args
     return int(phase), str(inventory), int(marker.kwargs.get("order", 0))
+
+
+def mariadb_sql(socket: str | Path, statement: str) -> str:
+    """One statement as MariaDB's root over a lab node's (or a scratch server's) unix socket; tab-separated rows."""
+    out = subprocess.run(["mariadb", f"--socket={socket}", "-uroot", "-N", "-B", "-e", statement],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
