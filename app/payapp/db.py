@@ -120,6 +120,11 @@ class Pool:
                 conn: asyncmy.Connection = await self.raw.acquire()
         except TimeoutError:
             raise PoolTimeout(f"no free database connection within {self.timeout:g}s") from None
+        except RuntimeError as exc:
+            # asyncmy opening a connection the server already closed (seen in the disk-full drill: MariaDB answered
+            # "Too many connections" and hung up) raises RuntimeError("Transport does not expose socket instance")
+            # from its keep-alive setup: the database is unavailable (503), not a bug of the request (500).
+            raise ConnectionError(f"database connection failed: {exc}") from exc
         deadline = asyncio.timeout(self.query_timeout)
         try:
             async with deadline:

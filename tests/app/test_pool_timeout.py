@@ -59,3 +59,22 @@ async def test_a_database_connection_cut_mid_reply_is_503_not_500(
             "merchantId": merchant(), "amount": 1_000, "currency": "KRW", "idempotencyKey": "cut"})  # fmt: skip
         assert_error(status, body, 503, "SERVICE_UNAVAILABLE")
         assert headers["Retry-After"] == "1"
+
+
+async def test_a_connection_the_server_closed_while_opening_is_503_not_500(
+    app_db: AppDatabase, redis_server: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncmy raises RuntimeError("Transport does not expose socket instance") when the server hangs up while a
+    pooled connection is being opened (MariaDB at max_connections): 503 + Retry-After, never 500. Seam: the pool
+    wrapper's driver pool (what asyncmy raised, raised)."""
+    async with app_client(Settings.from_env(make_env(app_db.url, redis_server.url()))) as client:
+        pool = client.app[DB_POOL]
+
+        async def hung_up() -> None:
+            raise RuntimeError("Transport does not expose socket instance")
+
+        monkeypatch.setattr(pool.raw, "acquire", hung_up)
+        status, body, headers = await call(client, "POST", "/payments/authorize", {
+            "merchantId": merchant(), "amount": 1_000, "currency": "KRW", "idempotencyKey": "hung-up"})  # fmt: skip
+        assert_error(status, body, 503, "SERVICE_UNAVAILABLE")
+        assert headers["Retry-After"] == "1"
