@@ -26,8 +26,8 @@ def writable() -> str:
 
 
 @pytest.mark.xfail(
-    reason="known open defect (#10, session-3 note): the kill-db-primary drill's first lab run (pre-stop full run, "
-    "22:33) failed; cause not yet read",
+    reason="#10, session-3 note: the drill's first lab run (30 s of load) found 0 lost / 0 duplicated, balanced, but "
+    "the load ended before the API served 3 s clean after the forced promotion; now 75 s, not yet re-run on the lab",
     strict=False,
 )
 def test_kill_db_primary_promotes_the_replica_and_loses_no_acknowledged_payment(
@@ -36,7 +36,7 @@ def test_kill_db_primary_promotes_the_replica_and_loses_no_acknowledged_payment(
     old = writable()
     new = next(n for n in PREFIX if n != old)
     out = tmp_path / "kill-db-primary"
-    res = shared_lab.payctl("drill", "-i", shared_lab.name, "kill-db-primary", "--rps", "10", "--duration", "30s",
+    res = shared_lab.payctl("drill", "-i", shared_lab.name, "kill-db-primary", "--rps", "10", "--duration", "75s",
                             "--warmup", "5s", "--report-dir", str(out), "--yes")  # fmt: skip
     print(res.stdout[-4000:])
     if res.returncode != 0:
@@ -45,7 +45,7 @@ def test_kill_db_primary_promotes_the_replica_and_loses_no_acknowledged_payment(
     assert "drill kill-db-primary PASS" in res.stdout
     row = json.loads((out / "results.json").read_text())[0]
     assert (row["lost"], row["duplicates"], row["reconciliation"], row["verdict"]) == (0, 0, "balanced", "pass")
-    assert row["acknowledged"] >= 10 * 20  # the load really ran
+    assert row["acknowledged"] >= 10 * 50  # the load really ran
     # Roles swapped, and the old primary replicates from the new one (the deployment is whole again).
     assert writable() == new
     status = sql(old, "SHOW SLAVE STATUS")

@@ -149,8 +149,8 @@ def _load_through_nginx(threads: int, seconds: float, most: int) -> int:
 
 
 @pytest.mark.xfail(
-    reason="known open defect (#9, session-3 note): failed in the pre-stop full run (22:05), right after the new "
-    "disk-full drill on the same deployment; passed in every earlier run; cause not yet read",
+    reason="#9, session-3 note: failed once on exact equality of a recording rule and its source read at two "
+    "instants (1025474560 vs 1019342848); compared within 5 % now, not yet re-run on the lab",
     strict=False,
 )
 def test_node_cpu_and_memory_in_prometheus_are_the_lab_hosts_cgroup(lab_phase4: Path) -> None:
@@ -171,7 +171,8 @@ def test_node_cpu_and_memory_in_prometheus_are_the_lab_hosts_cgroup(lab_phase4: 
         assert _one(client, f"payctl_lab_node_cpu_limit_cores{sel}") == node.cpus
         assert _one(client, f"payctl_lab_node_memory_limit_bytes{sel}") == node.memory_bytes
         mem = _one(client, f"payctl:node_memory_used_bytes{sel}")
-        assert mem == _one(client, f"payctl_lab_node_memory_usage_bytes{sel}")
+        raw = _one(client, f"payctl_lab_node_memory_usage_bytes{sel}")
+        assert abs(mem - raw) < 0.05 * raw, (mem, raw)  # the rule and its source, read at two instants
         assert abs(mem - int(host_memory.read_text())) < 0.25 * mem  # the same counter, up to 20 s apart
         machine = _one(client, f"node_memory_MemTotal_bytes{sel} - node_memory_MemAvailable_bytes{sel}")
         assert machine > 1.1 * mem, (machine, mem)  # the node exporter's figure is the whole machine's
