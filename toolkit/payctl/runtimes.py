@@ -239,16 +239,26 @@ def _prefix(ctx: BuildContext) -> str:
     return ctx.node.prefix
 
 
-def _put_rendered(ops: _Ops, ctx: BuildContext, dest_root: str) -> list[str]:
-    """files.put for every rendered file (write-once files only when absent); returns the changed paths."""
-    changed: list[str] = []
+def _rendered_paths(ctx: BuildContext) -> list[str]:
+    """The rendered files this apply handles: all of them, or ``--only`` a component's."""
     paths = sorted(ctx.files)
     if ctx.only:
         keep = set(components.files_for_component(ctx.only, paths))
         paths = [p for p in paths if p in keep]
-    for path in paths:
+    return paths
+
+
+def _kept(ctx: BuildContext, path: str) -> bool:
+    """A write-once file its running program owns now (Sentinel rewrites its own config): never written again."""
+    return ctx.files[path].write_once and ctx.facts.sentinel_conf
+
+
+def _put_rendered(ops: _Ops, ctx: BuildContext, dest_root: str) -> list[str]:
+    """files.put for every rendered file (write-once files only when absent); returns the changed paths."""
+    changed: list[str] = []
+    for path in _rendered_paths(ctx):
         f = ctx.files[path]
-        if f.write_once and ctx.facts.sentinel_conf:
+        if _kept(ctx, path):
             ops.work.operations.append(f"keep {path} (write-once, owned by the running program)")
             continue
         dest = f"{dest_root}/{path}"
@@ -265,14 +275,9 @@ PENDING = "payctl/pending-effects"
 
 def _planned_changes(ctx: BuildContext, dest_root: str) -> list[str]:
     """The rendered files ``_put_rendered`` will write (same rules), known before any operation runs."""
-    paths = sorted(ctx.files)
-    if ctx.only:
-        keep = set(components.files_for_component(ctx.only, paths))
-        paths = [p for p in paths if p in keep]
     return [
-        path for path in paths
-        if not (ctx.files[path].write_once and ctx.facts.sentinel_conf)
-        and not _same(ctx, f"{dest_root}/{path}", ctx.files[path].text, ctx.files[path].mode)
+        path for path in _rendered_paths(ctx)
+        if not _kept(ctx, path) and not _same(ctx, f"{dest_root}/{path}", ctx.files[path].text, ctx.files[path].mode)
     ]  # fmt: skip
 
 
