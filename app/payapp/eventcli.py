@@ -169,36 +169,34 @@ def add_dlq(sub: Subparsers) -> None:
     rq.set_defaults(handler=_dlq_requeue)
 
 
-def _dlq_list(args: argparse.Namespace, settings: Settings) -> int:
-    from payapp.dlq import list_dead
+def _on_db(settings: Settings, call: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``call(conn)`` on a fresh database connection, closed afterwards (the dlq commands)."""
     from payapp.events import connect
 
-    async def work() -> list[Any]:
+    async def work() -> T:
         conn = await connect(settings.db_url)
         try:
-            return await list_dead(conn, include_resolved=args.all)
+            return await call(conn)
         finally:
             conn.close()
 
+    return asyncio.run(work())
+
+
+def _dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    from payapp.dlq import list_dead
+
     print("dlq_id\tstatus\tpayment\tsequence\tevent_id\tsource\tattempts\tparked\terror")
-    for d in asyncio.run(work()):
+    for d in _on_db(settings, lambda conn: list_dead(conn, include_resolved=args.all)):
         print(f"{d.dlq_id}\t{d.status}\t{d.payment_id}\t{d.sequence}\t{d.event_id}\t{d.source}\t{d.attempts}\t"
               f"{d.parked}\t{d.error}")
     return 0
 
 
 def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from payapp.dlq import ReplayResult, replay
-    from payapp.events import connect
+    from payapp.dlq import replay
 
-    async def work() -> list[ReplayResult]:
-        conn = await connect(settings.db_url)
-        try:
-            return await replay(conn, None if args.all else args.event_id)
-        finally:
-            conn.close()
-
-    results = asyncio.run(work())
+    results = _on_db(settings, lambda conn: replay(conn, None if args.all else args.event_id))
     if not results:
         print("no open dead letter matched", file=sys.stderr)
         return 1
@@ -209,17 +207,9 @@ def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _dlq_requeue(args: argparse.Namespace, settings: Settings) -> int:
-    from payapp.dlq import RequeueResult, requeue
-    from payapp.events import connect
+    from payapp.dlq import requeue
 
-    async def work() -> list[RequeueResult]:
-        conn = await connect(settings.db_url)
-        try:
-            return await requeue(conn, None if args.all_relay else args.event_id)
-        finally:
-            conn.close()
-
-    results = asyncio.run(work())
+    results = _on_db(settings, lambda conn: requeue(conn, None if args.all_relay else args.event_id))
     if not results:
         print("no open dead letter of the outbox relay", file=sys.stderr)
         return 1
