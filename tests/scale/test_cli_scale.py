@@ -51,14 +51,14 @@ def test_phase5_apply_adds_a_missing_node_through_scale(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, home: Path
 ) -> None:
     """``payctl phase5 apply`` on a running 1-node deployment goes through ``scale add-node``. Whether node2 is new
-    is read from the hosts (``scale.nodes_to_add``, exercised in the lab test); here that seam answers "node2"."""
+    is read from the hosts (``scale.growth``, exercised in the lab test); here that seam answers "node2" to add."""
     asked: list[tuple[str, bool]] = []
 
-    def pending(inv: object, home_: Path, *, dry_run: bool = False) -> tuple[str, ...]:
+    def pending(inv: object, home_: Path, *, dry_run: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
         asked.append((str(home_), dry_run))
-        return ("node2",)
+        return ("node2",), ()
 
-    monkeypatch.setattr(scale, "nodes_to_add", pending)
+    monkeypatch.setattr(scale, "growth", pending)
     rc = run(["phase5", "apply", "-i", "ktcloud-2node", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -76,7 +76,7 @@ def test_phase5_apply_adds_a_missing_node_through_scale(
 def test_a_fresh_phase5_apply_deploys_the_first_node_then_adds_the_others(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, home: Path
 ) -> None:
-    """Nothing runs yet (``scale.fresh_nodes`` answers node2): a plain phase-5 apply would give node2 an empty,
+    """Nothing runs yet (``scale.growth`` answers node2 as fresh): a plain phase-5 apply would give node2 an empty,
     unreplicated database and an observer controller, so the CLI applies phase 4 (the first node only) and then
     adds node2 with scale add-node. Seams: the engine's apply and add-node (both exercised in the lab tests)."""
     from payctl import deploy
@@ -89,8 +89,7 @@ def test_a_fresh_phase5_apply_deploys_the_first_node_then_adds_the_others(
         calls.append(f"apply phase {req.phase}")
         return deploy.ApplyResult(deploy.Preview(req.inventory.deployment, req.phase, False, []), applied=True)
 
-    monkeypatch.setattr(scale, "nodes_to_add", lambda *a, **k: ())
-    monkeypatch.setattr(scale, "fresh_nodes", lambda *a, **k: ("node2",))
+    monkeypatch.setattr(scale, "growth", lambda *a, **k: ((), ("node2",)))
     monkeypatch.setattr(cli_apply.deploy, "apply", fake_apply)
     monkeypatch.setattr(cli_scale, "add_node_cmd", lambda inv, node, dry, yes: calls.append(f"add-node {node}"))
     rc = run(["phase5", "apply", "-i", "ktcloud-2node", "--yes", "--no-verify"])
@@ -103,8 +102,7 @@ def test_a_fresh_phase5_apply_deploys_the_first_node_then_adds_the_others(
 def test_phase5_dry_run_of_a_fake_deployment_asks_no_host(home: Path) -> None:
     from payctl.inventory import load_inventory
 
-    assert scale.nodes_to_add(load_inventory("ktcloud-2node"), home, dry_run=True) == ()
-    assert scale.fresh_nodes(load_inventory("ktcloud-2node"), home, dry_run=True) == ()
+    assert scale.growth(load_inventory("ktcloud-2node"), home, dry_run=True) == ((), ())
 
 
 @pytest.mark.parametrize(

@@ -192,21 +192,15 @@ def _live(inv: Inventory, home: Path, fake: bool) -> LiveRoles:
         return deploy.live_roles(deploy.gather_facts(conn, prefixes, addresses))
 
 
-def nodes_to_add(inv: Inventory, home: Path, *, dry_run: bool = False) -> tuple[str, ...]:
-    """The app nodes of the inventory that do not run the deployment yet while another node does: a running smaller
-    deployment, to which ``payctl phase5 apply`` adds them with ``add_node`` (a replica seeded online, not a fresh
-    database). Empty for a fresh deployment (see ``fresh_nodes``) and for a dry run with the fake connector (which
-    learns nothing from the hosts)."""
+def growth(inv: Inventory, home: Path, *, dry_run: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(adding, fresh), read from the hosts once. ``adding``: the app nodes of the inventory that do not run the
+    deployment yet while another node does — a running smaller deployment, to which ``payctl phase5 apply`` adds them
+    with ``add_node`` (a replica seeded online, not a fresh database). ``fresh``: for a deployment that runs nowhere
+    yet, the app nodes beyond the first — a plain phase-5 apply would give each its own empty database and leave its
+    Kafka controller an observer, so the CLI deploys the first node (phase 4) and then adds these with ``add_node``.
+    Both empty for a dry run with the fake connector (which learns nothing from the hosts)."""
     live, missing = _live_and_missing(inv, home, dry_run=dry_run)
-    return missing if live else ()
-
-
-def fresh_nodes(inv: Inventory, home: Path, *, dry_run: bool = False) -> tuple[str, ...]:
-    """For a deployment that runs nowhere yet: the app nodes beyond the first. A plain phase-5 apply would give each
-    its own empty database and leave its Kafka controller an observer, so ``payctl phase5 apply`` deploys the first
-    node (phase 4) and then adds these with ``add_node``, the path a running deployment takes."""
-    live, missing = _live_and_missing(inv, home, dry_run=dry_run)
-    return () if live else missing[1:]
+    return (missing, ()) if live else ((), missing[1:])
 
 
 def _live_and_missing(inv: Inventory, home: Path, *, dry_run: bool) -> tuple[set[str], tuple[str, ...]]:
@@ -467,4 +461,4 @@ def describe(plan: AddNodePlan) -> list[str]:
 
 
 __all__ = ["AddNodePlan", "AddNodeRequest", "AddNodeResult", "Hooks", "ScaleError", "ScaleRefused", "Step",
-           "add_node", "describe", "nodes_to_add", "plan_add_node"]  # fmt: skip
+           "add_node", "describe", "growth", "plan_add_node"]  # fmt: skip

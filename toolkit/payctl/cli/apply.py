@@ -120,8 +120,7 @@ def _apply(phase: int, inventory: str, dry_run: bool, yes: bool, no_verify: bool
             hint="add --yes to apply without asking, or --dry-run to only see what would change",
         )
     if only is None and load_phase(phase).has("second_node"):
-        adding = scale.nodes_to_add(inv, _home(), dry_run=dry_run)
-        fresh = () if adding else scale.fresh_nodes(inv, _home(), dry_run=dry_run)
+        adding, fresh = scale.growth(inv, _home(), dry_run=dry_run)
         if fresh:
             # Nothing runs yet: the first node at phase 4, then the others join as a running deployment's would
             # (seeded replica, KRaft voters, Sentinels); a plain apply would leave them unreplicated observers.
