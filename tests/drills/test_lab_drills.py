@@ -97,9 +97,8 @@ def test_a_full_binlog_disk_gives_503s_never_a_500_loses_nothing_and_is_put_back
     mounted = subprocess.run(in_mounts(pid, "mountpoint", "-q", mount_dir(node)), check=False)
     assert mounted.returncode != 0
     if statuses.get(500):
-        # Known open defect (issue 10): one 500 in 1787 answers in the only earlier lab run, cause not captured.
-        # The app logs the traceback of every 500 ("... failed"): carry it into the report so the next run names it.
+        # The app logs the traceback of every 500 ("... failed"): carry it into the failure so it names the cause.
         log = (prefix / "logs" / "payctl-app.log").read_text(errors="replace").splitlines()
         at = [i for i, line in enumerate(log) if " failed" in line and "Traceback" in "".join(log[i + 1 : i + 3])]
         trace = " | ".join(" / ".join(log[i : i + 40]) for i in at[:2])[:4000]
-        pytest.xfail(f"{statuses[500]} answer(s) 500 during disk-full (issue 10, open); app log: {trace or 'none'}")
+        pytest.fail(f"{statuses[500]} answer(s) 500 during disk-full; app log: {trace or 'none'}")

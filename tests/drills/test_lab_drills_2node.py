@@ -25,11 +25,6 @@ def writable() -> str:
     return primary
 
 
-@pytest.mark.xfail(
-    reason="#10, session-3 note: the drill's first lab run (30 s of load) found 0 lost / 0 duplicated, balanced, but "
-    "the load ended before the API served 3 s clean after the forced promotion; now 75 s, not yet re-run on the lab",
-    strict=False,
-)
 def test_kill_db_primary_promotes_the_replica_and_loses_no_acknowledged_payment(
     shared_lab: SharedLab, tmp_path: Path
 ) -> None:
