@@ -173,6 +173,25 @@ def test_lab_uses_supervisor_and_vms_use_systemd() -> None:
     assert all(r.ok for r in results), [(r.key, r.detail) for r in results if not r.ok]
 
 
+def test_every_kafka_jvm_exits_on_out_of_memory_and_a_broker_heap_is_at_least_320_mb() -> None:
+    """A broker out of heap stays up thrashing in GC, answering nothing (lab node1 after add-node at a 192 MB heap):
+    it must exit so its supervisor restarts it, and a broker's heap is never that small again."""
+    data = yaml.safe_load((REPO / "inventories" / "ktcloud-2node.yml").read_text())
+    data["runtime"] = "native"
+    renders = {"lab": render(plan_for("lab-2node", 5)), "compose": render(plan_for("ktcloud-2node", 5)),
+               "systemd": render(make_plan(parse_inventory(data), load_phase(5)))}  # fmt: skip
+    seen = []
+    for how, files in renders.items():
+        for f in files.values():
+            for line in f.text.splitlines():
+                if "kafka.Kafka" in line or "KAFKA_HEAP_OPTS" in line:
+                    seen.append((how, f.key))
+                    assert "-XX:+ExitOnOutOfMemoryError" in line, (how, f.key, line)
+                    heap = int(re.search(r"-Xmx(\d+)m", line).group(1))  # type: ignore[union-attr]
+                    assert heap >= (256 if "witness" in f.key else 320), (how, f.key, line)
+    assert {how for how, _ in seen} == set(renders) and len(seen) >= 9, seen
+
+
 def test_hostile_inventory_strings_never_reach_a_template() -> None:
     data = yaml.safe_load((REPO / "inventories" / "ktcloud-1node.yml").read_text())
     for field, value in (("name", "node1;rm -rf /"), ("private_address", "198.51.100.11\nbind 0.0.0.0")):

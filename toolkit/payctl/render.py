@@ -123,6 +123,13 @@ SENTINEL_FAILOVER_TIMEOUT_MS = 60000
 SECRET_RE = re.compile(r"^[A-Za-z0-9_.~-]+$")
 
 
+
+def kafka_heap_opts(heap_mb: int) -> str:
+    """The broker's heap flags: a fixed heap, and exit on OutOfMemoryError so the supervisor restarts it (a JVM out
+    of heap otherwise stays up, thrashing in GC and answering nothing)."""
+    return f"-Xms{heap_mb}m -Xmx{heap_mb}m -XX:+ExitOnOutOfMemoryError"
+
+
 def kafka_cluster_id(deployment: str) -> str:
     """The KRaft cluster id of a deployment: stable (derived from its name), so every node formats the same cluster."""
     raw = uuid.uuid5(uuid.NAMESPACE_URL, f"payctl:{deployment}").bytes
@@ -475,7 +482,7 @@ def _programs(plan: Plan, node: NodePlan, lab: bool, secret: SecretFn) -> list[_
         agent = (f"-javaagent:{paths['kafka_lib']}/{JMX_EXPORTER_JAR}={priv}:{PORTS['kafka_exporter']}:"
                  f"{prefix}/{JMX_EXPORTER_CONFIG} " if broker_metrics(comps) else "")  # fmt: skip
         out.append(_Program("payctl-kafka", "kafka", "Apache Kafka (KRaft)",
-                            f"/usr/bin/java -Xms{heap}m -Xmx{heap}m {agent}-cp {paths['kafka_lib']}/* kafka.Kafka "
+                            f"/usr/bin/java {kafka_heap_opts(heap)} {agent}-cp {paths['kafka_lib']}/* kafka.Kafka "
                             f"{prefix}/kafka/{name}.properties", stop_timeout_s=60, start_secs=5))  # fmt: skip
     if "nginx" in comps:
         out.append(_Program("payctl-nginx", "nginx", "nginx load balancer",
@@ -622,7 +629,7 @@ def _compose_services(plan: Plan, node: NodePlan) -> tuple[list[dict[str, Any]],
                  if "broker" in k.process_roles else
                  f"/opt/kafka/bin/kafka-metadata-quorum.sh --bootstrap-controller {priv}:{PORTS['kafka_controller']}"
                  " describe --status")  # fmt: skip
-        kenv = [("KAFKA_HEAP_OPTS", f"-Xms{k.heap_mb}m -Xmx{k.heap_mb}m")]
+        kenv = [("KAFKA_HEAP_OPTS", kafka_heap_opts(k.heap_mb))]
         if broker_metrics(comps):
             # The agent jar and its rules sit in ./kafka (mounted at /etc/payctl/kafka). The image's tool scripts
             # read KAFKA_OPTS too: the healthcheck clears it, or its JVM would try to bind the agent's port again.
