@@ -24,10 +24,15 @@ from tests.support.services import wait_until
 
 SLOW_FACTS = textwrap.dedent(
     """
+    import signal
     import sys
     from pathlib import Path
 
     import gevent
+
+    # A shell's background job starts with SIGINT ignored, and Python then installs no handler: a person's Ctrl-C
+    # reaches a foreground payctl, so give this one the handler it would have.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     import payctl.deploy as deploy
     from payctl.cli import main
