@@ -1,5 +1,5 @@
 """`payctl scale add-node` on the lab: from the session's running 1-node deployment (the shared lab-1node at phase 4)
-to node2 added while a bounded load loop sends payments through nginx (`payctl phase5 apply -i lab-2node`, which goes
+to node2 added while k6 (the drills' script) sends payments through nginx (`payctl phase5 apply -i lab-2node`, which goes
 through scale add-node). No failed payment; every acknowledged payment is on node2's replica; nginx serves from both
 nodes (each app's own /metrics counts the authorizations it served); three Sentinels agree on the master; three KRaft
 voters and every partition with 2 in-sync replicas. The grown deployment becomes the shared lab-2node phase 5 one.
@@ -30,7 +30,7 @@ from payctl.secrets import load_or_create
 from tests.scale.conftest import LocalIO
 from tests.support.kafka import ensure_jars
 from tests.support.labs import MANAGER, SharedLab, mariadb_sql
-from tests.support.loads import Load, authorize
+from tests.support.loads import K6Load, Load, authorize
 
 # After the lab-1node phase-4 tests, before the upgrade tests (order 1); the fault tests below come after those
 # (order 2): they leave the deployment changed (primaries moved, node2's MariaDB fenced).
@@ -141,15 +141,15 @@ def test_add_node_under_load(
 
 def _add_node_under_load(lab_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert authorize("m-scale-warm")[0] in (200, 201)
-    with Load(merchant="m-scale") as load:
-        time.sleep(3)
+    with K6Load(rps=20, merchant="m-scale") as load:
         started = time.monotonic()
         rc = run(["phase5", "apply", "-i", "lab-2node", "--yes", "--no-verify"])
         took = time.monotonic() - started
         out = capsys.readouterr()
         time.sleep(5)
     assert rc == 0, out.err[-3000:] + out.out[-2000:]
-    print(f"phase5 apply (scale add-node) under {load.rps:g}/s: {took:.1f} s, {len(load.acked)} acknowledged")
+    print(f"phase5 apply (scale add-node) under k6 at {load.rps}/s ({load.rps_achieved:.1f}/s sent): {took:.1f} s, "
+          f"{len(load.acked)} acknowledged, {len(load.failed)} failed")
     assert "node2 not running yet: payctl phase5 apply adds it with payctl scale add-node" in out.out, out.out
     assert "node2 added to deployment lab" in out.out
     # Three Sentinels, one per node, agree on the Redis master with quorum 2 and see each other. The converge may

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from payctl import drill
+from payctl.drillaudit import LoadLog, parse_log
 
 LB = "http://10.77.0.11"  # nginx on the lab's node1 (lab-1node and lab-2node)
 
@@ -68,3 +75,58 @@ class Load:
         time.sleep(self.settle_s)
         self.stop.set()
         self.thread.join(30)
+
+
+@dataclass
+class K6Load:
+    """k6 (the drills' ``loadtest/drill.js``, authorizations only) at ``rps`` per second through the lab's nginx for
+    the ``with`` body, at most ``max_s`` seconds. After it: ``acked`` holds the payment ids k6 saw acknowledged,
+    ``failed`` one "status name" line per request that did not get a 200 (drill.js retries a 5xx or no answer once
+    with the same idempotency key: both attempts are counted), ``log`` the whole parsed k6 log."""
+
+    rps: int = 20
+    max_s: float = 900
+    merchant: str = "m-k6"
+    base: str = LB
+    settle_s: float = 3.0
+    acked: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    log: LoadLog = field(default_factory=LoadLog)
+
+    def __enter__(self) -> K6Load:
+        self._dir = tempfile.TemporaryDirectory(prefix="payctl-k6load-")
+        self._log = Path(self._dir.name) / "k6.log"
+        cmd, env = drill.k6_invocation(self.base, self.rps, self.max_s, self.merchant, self._log)
+        env.update({"CAPTURE_RATIO": "0", "REFUND_RATIO": "0"})
+        self._stderr = (Path(self._dir.name) / "k6.stderr").open("wb")
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr, stdin=subprocess.DEVNULL,
+                                      env=env)  # fmt: skip
+        self._started = time.monotonic()
+        time.sleep(self.settle_s)
+        if self._proc.poll() is not None:
+            raise AssertionError(f"k6 exited {self._proc.returncode} at start: {self._read_stderr()}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(self.settle_s)
+        self.seconds = time.monotonic() - self._started
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)  # k6 stops its VUs and flushes the log
+            try:
+                self._proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+        self._stderr.close()
+        self.log = parse_log(self._log.read_text(errors="replace").splitlines() if self._log.exists() else [])
+        self.acked = [str(a.payment_id) for a in self.log.authorized]
+        self.failed = [f"{r.status} {r.name}" for r in self.log.requests if r.status != 200]
+        self._dir.cleanup()
+
+    @property
+    def rps_achieved(self) -> float:
+        return self.log.sent / self.seconds if getattr(self, "seconds", 0) else 0.0
+
+    def _read_stderr(self) -> str:
+        self._stderr.flush()
+        return (Path(self._dir.name) / "k6.stderr").read_text(errors="replace")[-2000:]
