@@ -18,7 +18,7 @@ from payctl import deploy, hosts
 from payctl.errors import DeployError
 
 #: supervisorctl answers that mean the program is already where we want it.
-_HARMLESS = ("not running", "already started")
+HARMLESS = ("not running", "already started")
 
 
 class NodeShell:
@@ -46,7 +46,7 @@ class NodeShell:
         # (9 s for the three app programs), all of it time the node is out of the load balancer.
         # supervisorctl's exit code is not reliable across versions: read its per-program lines.
         _, out, err = self.shell(f"for p in {names}; do supervisorctl -c {conf} {verb} \"$p\" & done; wait")
-        bad = [ln for ln in out.splitlines() if "ERROR" in ln and not any(ok in ln for ok in _HARMLESS)]
+        bad = [ln for ln in out.splitlines() if "ERROR" in ln and not any(ok in ln for ok in HARMLESS)]
         if bad or not out.strip():
             raise DeployError(f"{self.node}: supervisorctl {verb} failed: {'; '.join(bad) or err.strip()[-400:]}")
 
