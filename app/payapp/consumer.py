@@ -48,7 +48,8 @@ log = logging.getLogger("payapp.consumer")
 
 APPLIED, DUPLICATE, PARKED = "applied", "duplicate", "parked"
 COMMIT_EVERY_S = 0.5
-_TRANSIENT = (db.ER_LOCK_WAIT_TIMEOUT, db.ER_LOCK_DEADLOCK)
+# A read-only primary is a switchover under way: wait for the repoint, never dead-letter a valid event over it.
+_TRANSIENT = (db.ER_LOCK_WAIT_TIMEOUT, db.ER_LOCK_DEADLOCK, db.ER_OPTION_PREVENTS_STATEMENT)
 
 
 class Transient(Exception):

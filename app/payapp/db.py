@@ -37,6 +37,8 @@ ER_DUP_ENTRY = 1062
 ER_LOCK_WAIT_TIMEOUT = 1205
 ER_LOCK_DEADLOCK = 1213
 ER_BAD_DB_ERROR = 1049
+#: "running with the --read-only option": a primary being switched over (payctl failover db --planned) for a moment.
+ER_OPTION_PREVENTS_STATEMENT = 1290
 
 
 def utcnow() -> datetime:

@@ -175,3 +175,36 @@ async def test_poison_message_dead_letters_parks_the_payment_and_replays_in_orde
     assert p.scalar(f"SELECT COUNT(*) FROM settlement WHERE payment_id = {blocked}") == 0
     consumer.terminate()
     consumer.wait(20)
+
+
+async def test_a_read_only_primary_is_waited_for_not_dead_lettered(pipeline: Pipeline) -> None:
+    """During a planned switchover the old primary is read-only for a moment: the consumer's writes fail with
+    MariaDB's 1290. That is transient (retry, reconnect: the app is being repointed), never a reason to dead-letter a
+    valid event; once writes are allowed the same event applies."""
+    from payapp.consumer import _transient
+
+    p = pipeline
+    async with api_on(p, p.database) as api:
+        await mixed_load(api, 2, seed=5)
+    topic, payload = p.sql("SELECT topic, payload FROM outbox_event ORDER BY id LIMIT 1")[0]
+    user, password = f"ro{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    p.mariadb.sql(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}';"
+                  f" GRANT SELECT, INSERT, UPDATE, DELETE ON `{p.database}`.* TO '{user}'@'%'")  # fmt: skip
+    conn = await connect(p.mariadb.url(user=user, password=password, db=p.database))
+    try:
+        p.mariadb.sql("SET GLOBAL read_only = 1")
+        try:
+            await apply_event(conn, parse_event(topic, payload))
+        except Exception as exc:  # the point is how the consumer classifies it
+            refused: BaseException | None = exc
+        else:
+            refused = None
+        finally:
+            p.mariadb.sql("SET GLOBAL read_only = 0")
+        assert refused is not None and "1290" in str(refused), refused
+        assert _transient(refused)
+        await conn.rollback()
+        assert await apply_event(conn, parse_event(topic, payload)) == APPLIED
+    finally:
+        conn.close()
+        p.mariadb.sql(f"DROP USER '{user}'@'%'")

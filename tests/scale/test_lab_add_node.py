@@ -1,5 +1,5 @@
 """`payctl scale add-node` on the lab: from the session's running 1-node deployment (the shared lab-1node at phase 4)
-to node2 added while k6 (the drills' script) sends payments through nginx (`payctl phase5 apply -i lab-2node`, which goes
+to node2 added while k6 (the drills' script) sends payments via nginx (`payctl phase5 apply -i lab-2node`, which goes
 through scale add-node). No failed payment; every acknowledged payment is on node2's replica; nginx serves from both
 nodes (each app's own /metrics counts the authorizations it served); three Sentinels agree on the master; three KRaft
 voters and every partition with 2 in-sync replicas. The grown deployment becomes the shared lab-2node phase 5 one.
