@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,20 +27,35 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests on a shared lab deployment go last, grouped by (phase, inventory, order), lower phases first: each
-    deployment is made once and grows in place (sorted() is stable: file order within a group).
-
-    Under pytest-xdist (scripts/test: ``-n 2 --dist loadgroup``) every lab test is in one group, so one worker runs
-    them all, in this order (one lab per machine; the shared deployment lives in that worker's MANAGER), while the
-    other worker runs everything else alongside."""
+    deployment is made once and grows in place (sorted() is stable: file order within a group)."""
     own = [item for item in items if shared_lab_key(item) is None]
     shared = sorted((item for item in items if shared_lab_key(item) is not None), key=shared_lab_order)
     items[:] = own + shared
-    for item in items:
-        if item.get_closest_marker("lab") is not None:
-            item.add_marker(pytest.mark.xdist_group(LAB_GROUP))
+    strays = [item.nodeid for item in items if item.get_closest_marker("lab") is not None and not is_lab(item.nodeid)]
+    if strays:
+        raise pytest.UsageError(f"lab tests outside a test_lab_*.py file: {strays[:3]}: the xdist scheduler "
+                                "(tests/conftest.py) keeps lab tests on one worker by that file name")  # fmt: skip
+
+
+def is_lab(nodeid: str) -> bool:
+    """Lab tests live in ``test_lab_*.py`` files (a few unit tests there too: harmless on the lab worker)."""
+    return Path(nodeid.split("::")[0]).name.startswith("test_lab_")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist (scripts/test: ``-n 2``) every lab test is one work unit, so one worker runs them all, in
+    collection order (one lab per machine; the shared deployment lives in that worker's MANAGER), while the other
+    worker runs everything else alongside. The unit is the largest, so it is handed out first. (xdist's own
+    ``--dist loadgroup`` does not group under pytest 9: the nodeid suffix it relies on is not seen.)"""
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    class LabOnOneWorker(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return LAB_GROUP if is_lab(nodeid) else nodeid
+
+    return LabOnOneWorker(config, log)
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +64,7 @@ def _lab_first(request: pytest.FixtureRequest) -> None:
     once (it and its children: MariaDB, Kafka, the app), so on two cores the lab worker wins whenever both want a
     core. The lab's timing (drills' recovery bounds, add-node under load) is the more fragile. Serial runs: no-op."""
     global _LAB_SEEN, _NICED
-    if request.node.get_closest_marker("lab") is not None:
+    if is_lab(request.node.nodeid):
         _LAB_SEEN = True
     elif not _LAB_SEEN and not _NICED and os.environ.get("PYTEST_XDIST_WORKER"):
         os.nice(10)
