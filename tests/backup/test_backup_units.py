@@ -244,3 +244,18 @@ def test_a_deployment_made_before_the_backup_account_gets_its_secret_and_keeps_i
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(PayctlError, match="secrets mariadb_app are missing"):
         load_or_create(tmp_path, "lab", allow_create=False)
+
+
+def test_the_scratch_socket_fits_a_unix_socket_path_however_deep_the_workdir() -> None:
+    from payctl import restore
+
+    def target(workdir: str) -> restore.Target:
+        return restore.Target("node1", None, workdir, "127.0.0.1", 3307, "root", "mariadb -uroot", "", "")  # type: ignore[arg-type]
+
+    short = target("/opt/payctl/restore/20261126T001934Z")
+    assert short.socket == "/opt/payctl/restore/20261126T001934Z/run/mariadb.sock"
+    deep = "/tmp/pytest-of-root/pytest-556/popen-gw1/test_backup_under_writes_then_0/restore/20261126T001934Z"
+    assert len(f"{deep}/run/mariadb.sock") > 107  # what made mariadbd abort under xdist
+    sock = target(deep).socket
+    assert len(sock) <= 107 and sock.startswith("/tmp/payctl-restore-") and sock == target(deep).socket
+    assert sock != target(deep + "x").socket

@@ -21,6 +21,7 @@ Putting the restored data in service as the primary is ``payctl.restoreswap`` (`
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 import time
@@ -32,6 +33,8 @@ from zoneinfo import ZoneInfo
 
 from payctl.backup import BASE, BackupError, Manifest, NodeFiles, Step, _quiet, stop_datetime, verify
 
+#: The longest unix socket path mariadbd accepts (sun_path is 108 bytes with its NUL).
+SOCKET_PATH_MAX = 107
 GTID_LINE = re.compile(r"^#(\d{6}\s+\d{1,2}:\d{2}:\d{2}) server id \d+.*\bGTID (\d+-\d+-\d+)")
 REPORT_LINE = re.compile(r"^report (\d+) (\S+) balanced=(true|false) debit=(-?\d+) credit=(-?\d+) payments=(\d+)")
 
@@ -53,7 +56,12 @@ class Target:
 
     @property
     def socket(self) -> str:
-        return f"{self.workdir}/run/mariadb.sock"
+        """``<workdir>/run/mariadb.sock``; a unix socket path has at most 107 bytes (mariadbd aborts beyond), so a
+        deep workdir gets a short stable name in /tmp instead."""
+        path = f"{self.workdir}/run/mariadb.sock"
+        if len(path.encode()) <= SOCKET_PATH_MAX:
+            return path
+        return f"/tmp/payctl-restore-{hashlib.sha256(self.workdir.encode()).hexdigest()[:16]}.sock"
 
     @property
     def pid_file(self) -> str:
