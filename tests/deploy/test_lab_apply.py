@@ -337,8 +337,11 @@ def test_phase3_on_top_interrupted_with_ctrl_c_then_the_same_command_completes_i
 ) -> None:
     phase3 = ["phase3", "apply", "-i", "lab-1node", "--yes", "--no-verify"]
     env = {**os.environ, "PAYCTL_HOME": str(deployed.home)}
+    # SIGINT back to its default in the child: a suite started as a shell's background job (or an xdist worker of
+    # one) passes SIGINT on ignored, and Python then installs no KeyboardInterrupt handler; a person's payctl has it.
     first = subprocess.Popen([str(Path(sys.executable).parent / "payctl"), *phase3], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         # Interrupt once the apply has written phase 3's supervisor config (the consumer program): half-applied.
         wait_until(lambda: "payctl-consumer" in CONF.read_text(), timeout=240, what="phase 3's supervisor config")

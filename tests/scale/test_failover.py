@@ -86,7 +86,17 @@ def test_forced_promotion_after_kill_keeps_every_acknowledged_write(pair: Pair) 
     assert replica.sql("SELECT @@read_only").strip() == "0" and replication.status(r) == {}
     # The old primary comes back: fenced (read-only) and made a replica of the new primary.
     primary.start()
-    failover.fence(p, r, SPEC)
+    try:
+        failover.fence(p, r, SPEC)
+    except FailoverError as exc:
+        # The kill landed between a commit's binlog write and the replica's ack (AFTER_SYNC): the old primary holds
+        # a transaction no client saw acknowledged, the new one never had it. fence() refuses to keep it, naming the
+        # way out; what must hold is that no acknowledged write is among those extra rows.
+        assert "1236" in exc.message and "reseed" in (exc.hint or ""), (exc.message, exc.hint)
+        assert primary.sql("SELECT @@read_only").strip() == "1"
+        assert not (_ids(primary) - _ids(replica)) & set(w.acked)
+        pytest.skip("the kill left an unacknowledged commit on the old primary (checked: none acknowledged); "
+                    "re-attach path not exercised this run")  # fmt: skip
     assert primary.sql("SELECT @@read_only").strip() == "1"
     replica.sql("INSERT INTO payments.payment VALUES (777777, 7)")
     replication.wait_caught_up(r, p, 30)

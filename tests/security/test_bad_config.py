@@ -81,8 +81,8 @@ def test_impossible_sizes_are_refused_before_any_host_is_contacted(
     assert run([*APPLY, str(path)]) == 2
     assert capsys.readouterr().err == (
         "error: lab: the capacity plan for phase 1 does not fit\n"
-        "  - node1: memory limits sum to 8800 MB but the node has 3072 MB (304 MB reserved for the OS): app 192, "
-        "relay 96, mariadb 8000, redis 96, kafka 384, nginx 32\n"
+        "  - node1: memory limits sum to 9056 MB but the node has 3072 MB (304 MB reserved for the OS): app 192, "
+        "relay 96, mariadb 8000, redis 96, kafka 640, nginx 32\n"
         "hint: lower overrides.cpus/memory_mb, use bigger nodes, or set overrides.allow_overcommit "
         "(payctl plan: --allow-overcommit) to go ahead anyway\n"
     )

@@ -81,14 +81,16 @@ class Load:
 class K6Load:
     """k6 (the drills' ``loadtest/drill.js``, authorizations only) at ``rps`` per second through the lab's nginx for
     the ``with`` body, at most ``max_s`` seconds. After it: ``acked`` holds the payment ids k6 saw acknowledged,
-    ``failed`` one "status name" line per request that did not get a 200 (drill.js retries a 5xx or no answer once
-    with the same idempotency key: both attempts are counted), ``log`` the whole parsed k6 log."""
+    ``failed`` one "status name at HH:MM:SS UTC" line per request that did not get a 200 (status 0: no answer within
+    ``timeout_s``; drill.js retries a 5xx or no answer once with the same idempotency key: both attempts count),
+    ``log`` the whole parsed k6 log."""
 
     rps: int = 20
     max_s: float = 900
     merchant: str = "m-k6"
     base: str = LB
     settle_s: float = 3.0
+    timeout_s: float = 10.0
     acked: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     log: LoadLog = field(default_factory=LoadLog)
@@ -97,7 +99,8 @@ class K6Load:
         self._dir = tempfile.TemporaryDirectory(prefix="payctl-k6load-")
         self._log = Path(self._dir.name) / "k6.log"
         cmd, env = drill.k6_invocation(self.base, self.rps, self.max_s, self.merchant, self._log)
-        env.update({"CAPTURE_RATIO": "0", "REFUND_RATIO": "0"})
+        # TIMEOUT: the Python loop's budget before it (10 s); drill.js's own 5 s is for partition drills.
+        env.update({"CAPTURE_RATIO": "0", "REFUND_RATIO": "0", "TIMEOUT": f"{self.timeout_s:g}s"})
         self._stderr = (Path(self._dir.name) / "k6.stderr").open("wb")
         self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr, stdin=subprocess.DEVNULL,
                                       env=env)  # fmt: skip
@@ -120,7 +123,8 @@ class K6Load:
         self._stderr.close()
         self.log = parse_log(self._log.read_text(errors="replace").splitlines() if self._log.exists() else [])
         self.acked = [str(a.payment_id) for a in self.log.authorized]
-        self.failed = [f"{r.status} {r.name}" for r in self.log.requests if r.status != 200]
+        self.failed = [f"{r.status} {r.name} at {time.strftime('%H:%M:%S', time.gmtime(r.t))} UTC"
+                       for r in self.log.requests if r.status != 200]  # fmt: skip
         self._dir.cleanup()
 
     @property
