@@ -127,10 +127,10 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
         days = [args.date_from + timedelta(days=i) for i in range(n + 1)]
 
     async def work(stop: asyncio.Event) -> list[Report]:
+        if args.schedule:
+            return await schedule(lambda: connect(settings.db_url), s, stop)
         conn = await connect(settings.db_url)
         try:
-            if args.schedule:
-                return await schedule(conn, s, stop)
             return [await run_once(conn, s, day=d) for d in days]
         finally:
             conn.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -182,16 +183,35 @@ async def claim_hour(conn: asyncmy.Connection, slot: str) -> bool:
     return (await db.execute(conn, claim, slot, slot, SCHEDULE, slot)).rowcount == 1
 
 
-async def schedule(conn: asyncmy.Connection, s: EventSettings, stop: asyncio.Event) -> list[Report]:
-    """The hourly loop: at minute RECONCILE_MINUTE of each hour, the node that claims the hour reconciles."""
+async def schedule(connect: Callable[[], Awaitable[asyncmy.Connection]], s: EventSettings, stop: asyncio.Event,
+                   every_s: float = 30.0) -> list[Report]:  # fmt: skip
+    """The hourly loop: at minute RECONCILE_MINUTE of each hour, the node that claims the hour reconciles.
+
+    A long-running program (``payctl-reconcile``): a database error (the primary restarting, a failover) closes the
+    connection and the next round opens a new one; it never exits for it (its supervisor would give up after a few
+    quick exits). A run that failed after its claim is not repeated that hour: the next hour's run reconciles the
+    whole business day again."""
     done: list[Report] = []
     zone = ZoneInfo(s.reconcile_tz)
-    while not stop.is_set():
-        local = utcnow().replace(tzinfo=UTC).astimezone(zone)
-        if local.minute >= s.reconcile_minute and await claim_hour(conn, local.strftime("%Y-%m-%dT%H")):
-            if local.hour == 0:  # the first run of a day closes the previous one
-                done.append(await run_once(conn, s, day=local.date() - timedelta(days=1), trigger="schedule"))
-            done.append(await run_once(conn, s, day=local.date(), trigger="schedule"))
-            log.info("reconcile: report %d balanced=%s", done[-1].report_id, done[-1].is_balanced)
-        await sleep_until(stop, 30)
+    conn: asyncmy.Connection | None = None
+    try:
+        while not stop.is_set():
+            try:
+                if conn is None:
+                    conn = await connect()
+                local = utcnow().replace(tzinfo=UTC).astimezone(zone)
+                if local.minute >= s.reconcile_minute and await claim_hour(conn, local.strftime("%Y-%m-%dT%H")):
+                    if local.hour == 0:  # the first run of a day closes the previous one
+                        done.append(await run_once(conn, s, day=local.date() - timedelta(days=1), trigger="schedule"))
+                    done.append(await run_once(conn, s, day=local.date(), trigger="schedule"))
+                    log.info("reconcile: report %d balanced=%s", done[-1].report_id, done[-1].is_balanced)
+            except (asyncmy.errors.MySQLError, db.BatchError, OSError, EOFError, RuntimeError) as exc:
+                log.warning("reconcile: database error, reconnecting next round: %s", exc)
+                if conn is not None:
+                    conn.close()
+                conn = None
+            await sleep_until(stop, every_s)
+    finally:
+        if conn is not None:
+            conn.close()
     return done

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import date, datetime
+from typing import Any
 
 from payapp import db
 from payapp.consumer import apply_event
@@ -138,3 +139,35 @@ async def test_reconcile_date_ranges_and_argument_errors(pipeline: Pipeline) -> 
     assert both.stderr.startswith("payapp: error: give either --date or --from/--to")
     backwards = p.payapp("reconcile", "--from", "2026-11-03", "--to", "2026-11-01")
     assert backwards.returncode == 2 and "--from is after --to" in backwards.stderr
+
+
+async def test_the_schedule_outlives_a_database_outage_and_reconciles_when_it_is_back(pipeline: Pipeline) -> None:
+    """payctl-reconcile is a long-running program: a refused connection, then its connection killed by the server,
+    must not end it (supervisord gives up on a program that keeps exiting); the hour is reconciled once it can."""
+    from payapp.events import load_event_settings
+    from payapp.reconcile import schedule
+
+    p = pipeline
+    s = load_event_settings(environ={**p.env(), "PAYAPP_RECONCILE_MINUTE": "0"})
+    attempts: list[str] = []
+
+    async def flaky_connect() -> Any:
+        attempts.append("connect")
+        if len(attempts) <= 2:
+            raise OSError(111, "Connection refused")  # the primary restarting
+        conn = await connect(p.db_url)
+        if len(attempts) == 3:
+            conn_id = (await db.execute(conn, "SELECT CONNECTION_ID()")).rows[0][0]
+            p.mariadb.sql(f"KILL CONNECTION {int(conn_id)}")  # and this one dies under it
+        return conn
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(schedule(flaky_connect, s, stop, every_s=0.05))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not p.sql("SELECT 1 FROM reconciliation_report LIMIT 1"):
+        await asyncio.sleep(0.1)
+    stop.set()
+    reports = await asyncio.wait_for(task, 10)
+    assert len(attempts) >= 4, attempts
+    assert [r.is_balanced for r in reports] == [True], reports
+    assert p.scalar("SELECT COUNT(*) FROM reconciliation_report WHERE trigger_kind = 'schedule'") == 1
