@@ -40,14 +40,15 @@ def lab_plan(prefix: str | None = None) -> SwapPlan:
 def test_the_plan_says_what_stops_what_is_replaced_and_where_the_old_datadir_is_kept() -> None:
     sp = lab_plan()
     p = "/var/lib/payctl-lab/node1"
-    assert sp.writers == (("node1", ("payctl-app", "payctl-relay", "payctl-consumer", "payctl-backup")),)
+    writers = ("payctl-app", "payctl-relay", "payctl-consumer", "payctl-reconcile", "payctl-backup")
+    assert sp.writers == (("node1", writers),)
     assert restoreswap.describe(sp) == [
         "restore --force on deployment 'lab': backup 20261125T170312Z up to 2026-11-25 17:05:30 UTC REPLACES the "
         "data of the MariaDB primary node1",
         "  1. restore into a scratch instance on node1:3307 while the deployment serves; stop here unless its "
         "ledger and reconciliation are balanced",
-        "  2. stop the writers (node1: payctl-app, payctl-relay, payctl-consumer, payctl-backup): payments fail "
-        "from here until step 6",
+        "  2. stop the writers (node1: payctl-app, payctl-relay, payctl-consumer, payctl-reconcile, payctl-backup): "
+        "payments fail from here until step 6",
         "  3. stop payctl-mariadb on node1",
         f"  4. keep the old datadir {p}/data/mariadb as {p}/data/mariadb.replaced-20261125T180000Z (never deleted); "
         "move the restored one in",
@@ -126,7 +127,7 @@ def restored(balanced: bool = True) -> restore.RestoreResult:
     return r
 
 
-WRITERS = "payctl-app,payctl-relay,payctl-consumer,payctl-backup"
+WRITERS = "payctl-app,payctl-relay,payctl-consumer,payctl-reconcile,payctl-backup"
 
 
 def test_the_swap_stops_writers_first_and_starts_them_last() -> None:

@@ -368,6 +368,7 @@ def test_phase3_on_top_interrupted_with_ctrl_c_then_the_same_command_completes_i
     assert rc == 0, out2.err + out2.out
     states = programs()
     assert states.get("payctl-consumer", ("absent", None))[0] == "RUNNING", states
+    assert states.get("payctl-reconcile", ("absent", None))[0] == "RUNNING", states  # the hourly reconciliation
     assert healthy()
     assert last_audit(deployed.home)["phase"] == 3 and last_audit(deployed.home)["result"] == "ok"
 

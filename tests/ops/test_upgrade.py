@@ -190,7 +190,7 @@ def test_upgrade_plan_and_what_the_user_sees() -> None:
                         "node order node2, node1")  # fmt: skip
     assert lines[1] == (f"  1. [node2] install releases/0002-{K3}; payapp migrate (once); out of the LB (node1: "
                         "upstream 10.77.0.12:8080 down, nginx reload); drain and stop payctl-app, payctl-relay, "
-                        f"payctl-consumer; current 0001-{K1} -> 0002-{K3}; start, health check, "
+                        f"payctl-consumer, payctl-reconcile; current 0001-{K1} -> 0002-{K3}; start, health check, "
                         "back into the LB")  # fmt: skip
     assert "payapp migrate" not in lines[2]
     assert any("expand now, contract in a later release" in line for line in lines)

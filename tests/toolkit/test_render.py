@@ -59,7 +59,10 @@ def test_compose_limits_are_the_plans(kt2: dict[str, RenderedFile]) -> None:
                 limits = svc["deploy"]["resources"]["limits"]
                 assert float(limits["cpus"]) == pytest.approx(comp.cpus)
                 assert limits["memory"] == f"{comp.memory_mb}M"
-            if name not in ("kafka-format", "nginx-exporter"):
+            if name == "reconcile":  # the hourly reconciliation runs under the consumer's caps, has no port to probe
+                assert svc["command"] == ["payapp", "reconcile", "--schedule"] and "healthcheck" not in svc
+                assert svc["deploy"]["resources"] == doc["services"]["consumer"]["deploy"]["resources"]
+            elif name not in ("kafka-format", "nginx-exporter"):
                 assert "healthcheck" in svc, (node.name, name)
     node1 = yaml.safe_load(kt2["node1/docker-compose.yml"].text)
     assert node1["services"]["app"]["build"] == {"context": "./payapp"}
@@ -171,6 +174,28 @@ def test_lab_uses_supervisor_and_vms_use_systemd() -> None:
     assert re.search(r"CPUQuota=\d+%", app) and re.search(r"MemoryMax=\d+M", app)
     results = validate_files({f.key: f for f in units})
     assert all(r.ok for r in results), [(r.key, r.detail) for r in results if not r.ok]
+
+
+def test_the_hourly_reconciliation_runs_wherever_a_consumer_does_from_phase_2() -> None:
+    """Phase 2 is settlement + hourly reconciliation: every node with a consumer runs ``payapp reconcile --schedule``
+    (the lease row lets one of them reconcile each hour); phase 1 has neither."""
+    for phase in (1, 2, 5):
+        plan = plan_for("lab-2node" if phase == 5 else "lab-1node", phase)
+        files = render(plan)
+        for node in plan.active_nodes:
+            conf = files.get(f"{node.name}/supervisor/supervisord.conf")
+            text = conf.text if conf is not None else ""
+            want = node.consumer is not None
+            assert ("[program:payctl-reconcile]" in text) == want, (phase, node.name)
+            assert ("[program:payctl-consumer]" in text) == want, (phase, node.name)
+            if want:
+                assert f"payapp reconcile --schedule --env-file {node.prefix}/app.env" in text
+        assert any(n.consumer is not None for n in plan.active_nodes) == (phase >= 2)
+    data = yaml.safe_load((REPO / "inventories" / "ktcloud-2node.yml").read_text())
+    data["runtime"] = "native"
+    vm = render(make_plan(parse_inventory(data), load_phase(5)))
+    unit = vm["node2/systemd/payctl-reconcile.service"].text
+    assert "payapp reconcile --schedule --env-file" in unit and "Restart=" in unit
 
 
 def test_every_kafka_jvm_exits_on_out_of_memory_and_a_broker_heap_is_at_least_320_mb() -> None:

@@ -22,7 +22,11 @@ from typing import Literal
 
 Action = Literal["restart", "reload"]
 
-APP_PROGRAMS = ("payctl-app", "payctl-relay", "payctl-consumer")
+#: The payapp programs and the plan attribute of a node that runs them (``payctl-reconcile``: the hourly reconciliation,
+#: ``payapp reconcile --schedule``, wherever a consumer runs; the lease row lets one node run each hour).
+APP_PROGRAM_OF = (("app", "payctl-app"), ("relay", "payctl-relay"), ("consumer", "payctl-consumer"),
+                  ("consumer", "payctl-reconcile"))  # fmt: skip
+APP_PROGRAMS = tuple(program for _, program in APP_PROGRAM_OF)
 
 #: Artefacts that are not rendered files but change what a program runs.
 RELEASE = "current"  # the payapp release (a virtualenv from the wheelhouse) that <prefix>/current points at

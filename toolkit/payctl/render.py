@@ -499,6 +499,12 @@ def _programs(plan: Plan, node: NodePlan, lab: bool, secret: SecretFn) -> list[_
             out.append(_Program(f"payctl-{comp}", comp, desc,
                                 f"{paths['app_bin']}/payapp {verb} --env-file {prefix}/app.env",
                                 after=app_after, stop_timeout_s=30))  # fmt: skip
+    if "consumer" in comps:
+        # The hourly reconciliation, with the consumer's budget (it sleeps between hours): every such node runs it,
+        # the lease row `reconcile-schedule` lets exactly one of them reconcile each hour.
+        out.append(_Program("payctl-reconcile", "consumer", "payapp hourly reconciliation",
+                            f"{paths['app_bin']}/payapp reconcile --schedule --env-file {prefix}/app.env",
+                            after=app_after, stop_timeout_s=30))  # fmt: skip
     if "prometheus" in comps and node.prometheus is not None:
         p = node.prometheus
         out.append(_Program("payctl-prometheus", "prometheus", "Prometheus",
@@ -667,6 +673,12 @@ def _compose_services(plan: Plan, node: NodePlan) -> tuple[list[dict[str, Any]],
             services.append(_service(node, comp, comp, image, build="./payapp",
                                      command=["payapp", verb], env_file=["app.env"], depends_on=list(local_deps),
                                      healthcheck=health, stop_grace_period="30s"))
+    if "consumer" in comps:
+        # The hourly reconciliation (as payctl-reconcile on the native runtime): no port, so no healthcheck; the
+        # consumer's limits are its caps (it sleeps between hours).
+        services.append(_service(node, "reconcile", "consumer", image, build="./payapp",
+                                 command=["payapp", "reconcile", "--schedule"], env_file=["app.env"],
+                                 depends_on=list(local_deps), stop_grace_period="30s"))
     if "prometheus" in comps and node.prometheus is not None:
         p = node.prometheus
         services.append(_service(node, "prometheus", "prometheus", IMAGES["prometheus"],

@@ -39,7 +39,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Protocol
 
-from payctl import audit, backup, dbbackup, deploy, hosts, lock, restore, rolling
+from payctl import audit, backup, components, dbbackup, deploy, hosts, lock, restore, rolling
 from payctl.backup import GTID_RE, BackupError, Manifest, Step, _quiet, stop_datetime
 from payctl.dbbackup import RESTORE_PORT
 from payctl.errors import PayctlError
@@ -49,7 +49,6 @@ from payctl.render import mariadb_datadir, payapp_bin
 from payctl.secrets import load_or_create
 
 DB_PROGRAM = "payctl-mariadb"
-APP_PROGRAMS = (("app", "payctl-app"), ("relay", "payctl-relay"), ("consumer", "payctl-consumer"))
 
 
 class SwapRefused(PayctlError):
@@ -104,7 +103,7 @@ def make_swap_plan(plan: Plan, manifest: Manifest, until: datetime | None, node:
     datadir = mariadb_datadir(n.prefix)
     writers: list[tuple[str, tuple[str, ...]]] = []
     for p in plan.active_nodes:
-        progs = tuple(prog for attr, prog in APP_PROGRAMS if getattr(p, attr) is not None)
+        progs = tuple(prog for attr, prog in components.APP_PROGRAM_OF if getattr(p, attr) is not None)
         if p.name == primary:
             # The daily backup: FLUSH BINARY LOGS and a mariabackup must not run against a datadir being swapped.
             progs += ("payctl-backup",) if lab else ("payctl-backup.timer", "payctl-backup.service")

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from payctl import audit, deploy, hosts, lock, releases, rolling, runtimes
+from payctl import audit, components, deploy, hosts, lock, releases, rolling, runtimes
 from payctl.errors import ConfigError, DeployError, PayctlError
 from payctl.gate import deployed_phase
 from payctl.inventory import Inventory
@@ -48,7 +48,6 @@ from payctl.secrets import load_or_create, secrets_path
 from payctl.wheelhouse import Wheelhouse, app_source, build, payapp_version
 
 Kind = Literal["upgrade", "rollback"]
-APP_PROGRAMS = (("app", "payctl-app"), ("relay", "payctl-relay"), ("consumer", "payctl-consumer"))
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
 
@@ -153,7 +152,7 @@ def node_order(plan: Plan) -> tuple[str, ...]:
 
 def _programs(plan: Plan, node: str) -> tuple[str, ...]:
     n = plan.node(node)
-    return tuple(prog for attr, prog in APP_PROGRAMS if getattr(n, attr) is not None)
+    return tuple(prog for attr, prog in components.APP_PROGRAM_OF if getattr(n, attr) is not None)
 
 
 def make_upgrade_plan(kind: Kind, plan: Plan, facts: Mapping[str, runtimes.NodeFacts], *, phase: int,
