@@ -43,6 +43,7 @@ METRICS: Mapping[str, str] = MappingProxyType({
     "payapp_consumer_lag_total": "relay",
     "payapp_dlq_open": "relay",
     "payapp_reconcile_last_balanced": "relay",
+    "payapp_reconcile_last_run_timestamp_seconds": "relay",
     "payapp_consumer_events_total": "consumer",
     "node_cpu_seconds_total": "node",
     "node_memory_MemTotal_bytes": "node",
@@ -77,6 +78,7 @@ LAB_METRICS: Mapping[str, str] = MappingProxyType({
 OPTIONAL: frozenset[str] = frozenset({
     "mysql_slave_status_seconds_behind_master", "mysql_slave_status_slave_io_running",
     "mysql_slave_status_slave_sql_running", "payapp_settlement_events_total", "payapp_reconcile_last_balanced",
+    "payapp_reconcile_last_run_timestamp_seconds",
 })  # fmt: skip
 
 #: Per node, one instant query each (``payctl status``). Keys are the JSON keys.
