@@ -28,6 +28,11 @@ APP_PROGRAM_OF = (("app", "payctl-app"), ("relay", "payctl-relay"), ("consumer",
                   ("consumer", "payctl-reconcile"))  # fmt: skip
 APP_PROGRAMS = tuple(program for _, program in APP_PROGRAM_OF)
 
+
+def app_programs_of(node: object) -> tuple[str, ...]:
+    """The payapp programs a plan node runs (its ``app``/``relay``/``consumer`` plans that are not None)."""
+    return tuple(program for attr, program in APP_PROGRAM_OF if getattr(node, attr) is not None)
+
 #: Artefacts that are not rendered files but change what a program runs.
 RELEASE = "current"  # the payapp release (a virtualenv from the wheelhouse) that <prefix>/current points at
 KAFKA_LIB = "kafka/lib"  # the Kafka jar bundle

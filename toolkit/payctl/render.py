@@ -123,7 +123,6 @@ SENTINEL_FAILOVER_TIMEOUT_MS = 60000
 SECRET_RE = re.compile(r"^[A-Za-z0-9_.~-]+$")
 
 
-
 def kafka_heap_opts(heap_mb: int) -> str:
     """The broker's heap flags: a fixed heap, and exit on OutOfMemoryError so the supervisor restarts it (a JVM out
     of heap otherwise stays up, thrashing in GC and answering nothing)."""

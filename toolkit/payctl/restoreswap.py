@@ -103,7 +103,7 @@ def make_swap_plan(plan: Plan, manifest: Manifest, until: datetime | None, node:
     datadir = mariadb_datadir(n.prefix)
     writers: list[tuple[str, tuple[str, ...]]] = []
     for p in plan.active_nodes:
-        progs = tuple(prog for attr, prog in components.APP_PROGRAM_OF if getattr(p, attr) is not None)
+        progs = components.app_programs_of(p)
         if p.name == primary:
             # The daily backup: FLUSH BINARY LOGS and a mariabackup must not run against a datadir being swapped.
             progs += ("payctl-backup",) if lab else ("payctl-backup.timer", "payctl-backup.service")

@@ -151,8 +151,7 @@ def node_order(plan: Plan) -> tuple[str, ...]:
 
 
 def _programs(plan: Plan, node: str) -> tuple[str, ...]:
-    n = plan.node(node)
-    return tuple(prog for attr, prog in components.APP_PROGRAM_OF if getattr(n, attr) is not None)
+    return components.app_programs_of(plan.node(node))
 
 
 def make_upgrade_plan(kind: Kind, plan: Plan, facts: Mapping[str, runtimes.NodeFacts], *, phase: int,
