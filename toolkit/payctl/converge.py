@@ -5,7 +5,8 @@ whole-deployment apply gives it: its own Sentinel (the quorum needs three), the 
 Kafka brokers in ``app.env`` (so the app follows a Redis failover), Prometheus targets for the new nodes. That is
 ``payctl phase5 apply`` on every node; the steps before it already wrote what must not restart (the primary's
 my.cnf, a Redis master's redis.conf whose settings did not change), so the apply restarts only the app programs
-(nginx sends to the new node meanwhile), Kafka for its new replication settings, and reloads Prometheus.
+(one node at a time, out of the load balancer: nginx sends to the other meanwhile), Kafka for its new replication
+settings, and reloads Prometheus.
 
 Then Kafka (``payctl.kafkajoin``): the new controllers join the KRaft quorum and every topic gets the planned
 replication factor and ``min.insync.replicas``. A Sentinel is useful only once it agrees with the others, so the
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from payctl import deploy, hosts, kafkajoin, sentinels
+from payctl import deploy, hosts, kafkajoin, rolling, sentinels
 from payctl.failover import RedisNode
 from payctl.inventory import Inventory
 from payctl.plan import PORTS, Plan
@@ -68,7 +69,7 @@ def steps(plan: Plan, node: str) -> list[tuple[str, str, str, str]]:
             f"phase {PHASE} apply on every node: {running} gains "
             + ("its Sentinel, " if topo.sentinels else "")
             + f"app.env with {'the Sentinels and ' if topo.sentinels else ''}both Kafka brokers (its app restarts "
-            f"while nginx sends to {node}), Prometheus targets for the new nodes",
+            f"out of the load balancer while nginx sends to {node}), Prometheus targets for the new nodes",
             f"none: {node} stays added; run the command again (or phase{PHASE} apply) to complete it")]  # fmt: skip
     if len(topo.kafka_brokers) > 1:
         k = plan.kafka
@@ -89,14 +90,20 @@ def steps(plan: Plan, node: str) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def complete(req: CompleteRequest, hooks: StepHooks) -> list[str]:
-    """Phase-5 apply on every node, then wait for the Sentinels to agree; returns what each Sentinel said."""
+@dataclass
+class Completed:
+    sentinels: list[str]  # what each Sentinel said once they agreed
+    rolled: list[rolling.Restarted]  # the app restarts of the apply (one node at a time, out of the LB)
+
+
+def complete(req: CompleteRequest, hooks: StepHooks) -> Completed:
+    """Phase-5 apply on every node, then wait for the Sentinels to agree."""
     hooks.step(None, f"converge: phase {PHASE} apply on every node")
-    deploy.apply(
+    applied = deploy.apply(
         deploy.ApplyRequest(req.inventory, req.inventory_path, PHASE, req.home, req.command), AutoConfirm(hooks)
     )
     kafka(req, hooks)
-    return check_sentinels(req, hooks)
+    return Completed(check_sentinels(req, hooks), applied.rolled)
 
 
 def kafka(req: CompleteRequest, hooks: StepHooks) -> list[kafkajoin.Topic]:

@@ -18,6 +18,7 @@ Re-applying with nothing changed adds only comparing operations, which change no
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import shlex
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pyinfra.api.state import BaseStateCallback, State
 
-from payctl import audit, hosts, lock, preflight, runtimes, tls
+from payctl import audit, hosts, lock, preflight, rolling, runtimes, tls
 from payctl.errors import DeployError, PayctlError
 from payctl.inventory import Inventory
 from payctl.phase import load_phase
@@ -86,7 +87,8 @@ class Preview:
 
     @property
     def changes(self) -> bool:
-        return any(w.files or w.artefacts or w.packages or w.actions or w.restart or w.reload for w in self.work)
+        return any(w.files or w.artefacts or w.packages or w.actions or w.restart or w.reload or w.rolling
+                   for w in self.work)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class ApplyResult:
     duration_s: float = 0.0
     lock_broken: tuple[tuple[str, lock.LockInfo], ...] = ()  # (node, lock) removed by --break-lock
     audit_path: Path | None = None
+    rolled: list[rolling.Restarted] = field(default_factory=list)  # app restarts one node at a time, out of the LB
 
     @property
     def changed_files(self) -> list[str]:
@@ -112,7 +115,7 @@ class ApplyResult:
 
     @property
     def restarted(self) -> list[str]:
-        return [f"{w.node}/{p}" for w in self.preview.work for p in (*w.restart, *w.reload)]
+        return [f"{w.node}/{p}" for w in self.preview.work for p in (*w.restart, *w.rolling, *w.reload)]
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -327,6 +330,10 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
         raise PayctlError(f"the Kafka jar bundle is missing ({KAFKA_LIB})", hint="run scripts/fetch-kafka first")
     marker = marker_text(inv.deployment, secrets_fingerprint(secrets) if secrets else "dry-run")
     build_node = _builder(inv, plan)
+    # With several app nodes behind the LB their app restarts wait for the operations, then go one node at a time
+    # out of the LB (compose recreates containers itself: not there).
+    topo = plan.topology
+    rolling_nodes = set(topo.lb_upstreams) if len(topo.lb_upstreams) > 1 and inv.runtime == "native" else set()
     works: list[runtimes.NodeWork] = []
     diffs: list[FileDiff] = []
     for node in plan.active_nodes:
@@ -354,6 +361,7 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
             req.home / "bundles",
             remote,
             firewall=inv.firewall.enabled,
+            rolling_apps=node.name in rolling_nodes,
         )
         work = build_node(ctx, marker)
         works.append(work)
@@ -365,6 +373,7 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
                 if d.new:
                     work.new_files.append(path)
     preview = Preview(inv.deployment, req.phase, fake, works, diffs)
+    rolled: list[rolling.Restarted] = []
     if req.dry_run:
         return ApplyResult(preview, applied=False)
     if preview.changes:
@@ -372,6 +381,7 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
             return ApplyResult(preview, applied=False)
         conn.state.add_callback_handler(_Progress(conn, hooks))  # type: ignore[no-untyped-call]
         conn.run()
+        rolled = _rolling_restarts(conn, plan, works, hooks)
     health = check_health(conn, plan, hooks, nodes=req.nodes)
     bad = [h for h in health if not h.ok]
     if bad:
@@ -379,7 +389,35 @@ def _apply_locked(req: ApplyRequest, hooks: Hooks, conn: hosts.Connected, facts:
             "health check failed: " + "; ".join(f"{h.node}: {h.check}: {conn.redact(h.detail)}" for h in bad),
             hint="see `payctl logs -i INV --node NODE --component COMPONENT`; fix and re-apply",
         )
-    return ApplyResult(preview, applied=preview.changes, health=health)
+    return ApplyResult(preview, applied=preview.changes, health=health, rolled=rolled)
+
+
+def _rolling_restarts(conn: hosts.Connected, plan: Plan, works: list[runtimes.NodeWork],
+                      hooks: Hooks) -> list[rolling.Restarted]:  # fmt: skip
+    """The app restarts the operations left to us (``NodeWork.rolling``): one node at a time, out of the LB."""
+    todo = [w for w in works if w.rolling or w.rolling_update]
+    done: list[rolling.Restarted] = []
+    if not todo:
+        return done
+    lab, lb_node = is_lab(plan), plan.topology.lb
+    lb = rolling.NodeShell(conn, lb_node, plan.node(lb_node).prefix, lab) if lb_node in conn.hosts else None
+    for w in todo:
+        node = plan.node(w.node)
+        r = rolling.restart_behind_lb(
+            rolling.NodeShell(conn, w.node, node.prefix, lab), lb, f"{node.private_address}:{PORTS['app']}",
+            tuple(w.rolling), update=w.rolling_update,
+            healthy=functools.partial(healthy, conn, plan, hooks, w.node), step=hooks.step,
+        )  # fmt: skip
+        if r.programs:
+            done.append(r)
+    return done
+
+
+def healthy(conn: hosts.Connected, plan: Plan, hooks: Hooks, node: str,
+            timeout: float = HEALTH_TIMEOUT_S) -> tuple[bool, str]:  # fmt: skip
+    """``check_health`` of one node: (all passed, what failed)."""
+    bad = [c for c in check_health(conn, plan, hooks, timeout=timeout, nodes=(node,)) if not c.ok]
+    return not bad, "; ".join(f"{c.check}: {conn.redact(c.detail)[:200]}" for c in bad)
 
 
 # ------------------------------------------------------------------------------------------------------ health

@@ -1,5 +1,6 @@
-"""Node-level steps of a rolling change (``payctl upgrade``/``rollback``): commands on one node, its programs stopped
-and started (supervisorctl in the lab, systemctl on VMs), and a node taken out of the nginx load balancer and put back.
+"""Node-level steps of a rolling change (``payctl upgrade``/``rollback``, and an apply's app restarts when several
+nodes serve behind the LB): commands on one node, its programs stopped and started (supervisorctl in the lab,
+systemctl on VMs), and a node taken out of the nginx load balancer and put back.
 
 Out of the LB: the LB node's nginx.conf with that node's upstream marked ``down`` (checked with ``nginx -t``), then
 SIGHUP: nginx starts new workers with the new file and the old ones finish their requests and exit; we wait for
@@ -12,9 +13,12 @@ from __future__ import annotations
 import io
 import re
 import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from payctl import deploy, hosts
+from payctl import components, hosts, runtimes
 from payctl.errors import DeployError
 
 #: supervisorctl answers that mean the program is already where we want it.
@@ -27,7 +31,7 @@ class NodeShell:
     def __init__(self, conn: hosts.Connected, node: str, prefix: str, lab: bool) -> None:
         self.node, self.prefix, self.lab = node, prefix, lab
         self.host = conn.host(node)
-        self.shell = deploy.shell_of(self.host)
+        self.shell = hosts.shell_of(self.host)
 
     def run(self, command: str, what: str) -> str:
         ok, out, err = self.shell(command)
@@ -116,3 +120,77 @@ def put_back(lb: NodeShell, timeout_s: float) -> str:
     note = _activate(lb, timeout_s)
     lb.run(f"rm -f {q(keep)}", "removing the kept nginx.conf")
     return note
+
+
+def _in_lb(lb: NodeShell, upstream: str) -> bool:
+    """The LB's nginx runs and its nginx.conf sends to ``upstream`` (a node added later is not in it yet)."""
+    q = shlex.quote
+    nginx, conf, _, _ = _nginx_paths(lb)
+    ok, out, _ = lb.shell(f"pid=$(cat {q(nginx + '/run/nginx.pid')} 2>/dev/null) && kill -0 \"$pid\" 2>/dev/null && "
+                          f"cat {q(conf)}")  # fmt: skip
+    return ok and len(re.findall(rf"^\s*server\s+{re.escape(upstream)}\s[^;\n]*;", out, re.M)) == 1
+
+
+@dataclass
+class Restarted:
+    """What ``restart_behind_lb`` did on one node."""
+
+    node: str
+    programs: list[str] = field(default_factory=list)  # restarted (stop, start) or updated by supervisorctl
+    out_of_lb_s: float | None = None  # None: the node was not in the LB (nothing to drain there)
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        where = (f"out of the load balancer for {self.out_of_lb_s:.1f} s" if self.out_of_lb_s is not None
+                 else "in place (not in the load balancer)")  # fmt: skip
+        return f"{self.node}: {', '.join(self.programs)} restarted {where}" + "".join(f"; {n}" for n in self.notes)
+
+
+def restart_behind_lb(n: NodeShell, lb: NodeShell | None, upstream: str, programs: tuple[str, ...], *, update: bool,
+                      healthy: Callable[[], tuple[bool, str]], step: Callable[[str, str], None],
+                      timeout_s: float = 30.0) -> Restarted:  # fmt: skip
+    """Restart a node's app programs with the node out of the LB: nginx stops sending to it first (graceful reload,
+    old workers finish), so no request meets an app that is going away (a worker that closes its SO_REUSEPORT
+    listener resets the connections still in its accept queue, a keep-alive connection can be closed as a request
+    goes out on it: nginx has sent that POST and never replays it, the client gets a 502). With ``update`` (lab),
+    supervisord.conf changed: the app groups whose sections changed are updated (added, restarted, removed) too.
+    Healthy again, the node goes back in; unhealthy, it stays out and DeployError says so. Clears the node's
+    pending-effects record."""
+    q = shlex.quote
+    ctl = f"supervisorctl -c {q(n.prefix + '/supervisor/supervisord.conf')}"
+    groups: list[str] = []
+    if update and n.lab:
+        out = n.run(f"{ctl} reread", "supervisorctl reread")
+        changed = re.findall(r"^([^:\s]+): (?:changed|available|disappeared)$", out, re.M)
+        groups = [g for g in changed if g in components.APP_PROGRAMS]
+    rest = [p for p in programs if p not in groups]
+    done = Restarted(n.node, [*groups, *rest])
+    if done.programs:
+        inside = lb is not None and _in_lb(lb, upstream)
+        out_at = time.monotonic()
+        if lb is not None and inside:
+            step(lb.node, f"take {n.node} out of the load balancer (graceful reload)")
+            note = take_out(lb, upstream, timeout_s)
+            out_at = time.monotonic()
+            if note:
+                done.notes.append(note)
+        step(n.node, f"restart {', '.join(done.programs)}" + (" (out of the load balancer)" if inside else ""))
+        if groups:
+            n.run(runtimes.supervisor_update_cmd(ctl, tuple(groups), only=True), "supervisorctl update")
+        if rest:
+            n.programs("stop", tuple(rest))
+            n.programs("start", tuple(rest))
+        ok, detail = healthy()
+        if not ok:
+            where = ", so it stays OUT of the load balancer" if inside else ""
+            raise DeployError(f"{n.node}: the app was not healthy after its restart ({detail}){where}",
+                              hint=f"see `payctl logs -i INV --node {n.node} --component app`; fix and re-apply "
+                              "(the apply puts the rendered nginx.conf back)")  # fmt: skip
+        if lb is not None and inside:
+            step(lb.node, f"put {n.node} back into the load balancer")
+            note = put_back(lb, timeout_s)
+            done.out_of_lb_s = round(time.monotonic() - out_at, 2)
+            if note:
+                done.notes.append(note)
+    n.run(f"rm -f {q(n.prefix + '/' + runtimes.PENDING)}", "clearing the pending restarts")
+    return done

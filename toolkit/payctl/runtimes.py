@@ -154,6 +154,11 @@ class NodeWork:
     restart: list[str] = field(default_factory=list)
     reload: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)  # one-off steps: init datadir, migrate, start supervisord
+    #: app programs restarted after the operations, one node at a time with the node out of the LB
+    #: (``payctl.rolling.restart_behind_lb``); with ``rolling_update`` supervisord.conf changed and the app groups
+    #: whose sections changed are updated then too (``supervisorctl update`` restarts them).
+    rolling: list[str] = field(default_factory=list)
+    rolling_update: bool = False
     operations: list[str] = field(default_factory=list)  # every operation added, in order (dry-run listing)
 
 
@@ -174,6 +179,9 @@ class BuildContext:
     remote: Mapping[str, str] | None = None
     #: Load the rendered firewall (inventory ``firewall.enabled``).
     firewall: bool = False
+    #: The node's app is one of several LB upstreams: its app programs restart after the operations, one node at a
+    #: time out of the LB (``NodeWork.rolling``), never in the operations, where every node runs at once.
+    rolling_apps: bool = False
 
 
 class _Ops:
@@ -498,6 +506,12 @@ def build_lab(ctx: BuildContext, marker_text: str) -> NodeWork:
             "echo 'supervisord did not open its socket within 10s' >&2; exit 1",
         )
         work.actions.append(f"start supervisord with {len(programs)} programs")
+    elif "supervisor/supervisord.conf" in effective and ctx.rolling_apps:
+        ops.shell("supervisor: reread and update changed programs but the app's",
+                  supervisor_update_cmd(ctl, components.APP_PROGRAMS, only=False))  # fmt: skip
+        work.actions.append("supervisorctl update (programs whose section changed restart; the app's later, out of "
+                            "the LB)")  # fmt: skip
+        work.rolling_update = True
     elif "supervisor/supervisord.conf" in effective:
         ops.shell("supervisor: reread and update changed programs", f"{ctl} reread && {ctl} update")
         work.actions.append("supervisorctl update (programs whose section changed restart)")
@@ -513,13 +527,17 @@ def build_lab(ctx: BuildContext, marker_text: str) -> NodeWork:
     restart = list(fx.restart)
     if migrate:
         restart += [x for x in programs if x in components.APP_PROGRAMS and x not in restart]
+    if ctx.rolling_apps:
+        work.rolling += [x for x in restart if x in components.APP_PROGRAMS]
+        restart = [x for x in restart if x not in work.rolling]
     if restart:
         ops.shell(f"restart {', '.join(restart)}", _restart_cmd(ctl, restart))
         work.restart += restart
     for prog in fx.reload:
         ops.shell(f"reload {prog} (SIGHUP)", f"{ctl} signal HUP {q(prog)}")
         work.reload.append(prog)
-    _clear_pending(ops, ctx, p, planned)
+    if not (work.rolling or work.rolling_update):  # else cleared once the rolling restart ran
+        _clear_pending(ops, ctx, p, planned)
     return work
 
 
@@ -553,6 +571,18 @@ def _users_and_migrate(ops: _Ops, ctx: BuildContext, changed: list[str], *, init
         )
         work.actions.append("payapp migrate")
     return migrate
+
+
+def supervisor_update_cmd(ctl: str, groups: tuple[str, ...], *, only: bool) -> str:
+    """``supervisorctl reread``, then ``update`` of the groups it reports changed, available (added) or disappeared:
+    only those in ``groups`` (``only``) or all but those. Prints ``UPDATED: <groups>`` (empty when none)."""
+    select = " ".join(f"-e {shlex.quote(g)}" for g in groups)
+    return (
+        f"out=$({ctl} reread 2>&1); case \"$out\" in *ERROR*) echo \"$out\" >&2; exit 1;; esac; "
+        f"g=$(printf '%s\\n' \"$out\" | sed -n 's/^\\([^: ]*\\): \\(changed\\|available\\|disappeared\\)$/\\1/p' "
+        f"| grep -x{'' if only else 'v'}F {select} | tr '\\n' ' '); "
+        f'[ -z "$g" ] || {ctl} update $g; echo "UPDATED: $g"'
+    )
 
 
 def _restart_cmd(ctl: str, programs: list[str]) -> str:
@@ -624,11 +654,16 @@ def build_systemd(ctx: BuildContext, marker_text: str) -> NodeWork:
     _backup_timer(ops, ctx)
     for name in programs:
         restart = name in fx.restart
-        ops.add(f"systemd {name}", systemd.service, service=name, running=True, enabled=True, restarted=restart,
-                reloaded=name in fx.reload, daemon_reload=bool(unit_changed))  # fmt: skip
-        if restart:
+        rolling = restart and ctx.rolling_apps and name in components.APP_PROGRAMS
+        ops.add(f"systemd {name}", systemd.service, service=name, running=True, enabled=True,
+                restarted=restart and not rolling, reloaded=name in fx.reload,
+                daemon_reload=bool(unit_changed))  # fmt: skip
+        if rolling:
+            work.rolling.append(name)
+        elif restart:
             work.restart.append(name)
-    _clear_pending(ops, ctx, p, planned)
+    if not work.rolling:  # else cleared once the rolling restart ran
+        _clear_pending(ops, ctx, p, planned)
     return work
 
 

@@ -18,9 +18,9 @@ and a failure there runs the undos in reverse (``replication`` undoes its own su
     6 lb        nginx on the LB node with both upstreams: the file written, ``nginx -t``, a graceful reload (SIGHUP:
                 old workers finish their requests); undo: the previous file and another reload
     7 converge  ``payctl phase5 apply`` on every node: the existing node gains its Sentinel, its app the Sentinel
-                addresses (a restart while nginx sends to the new node), Prometheus the new targets. From here on a
-                failure rolls nothing back: the node is added; running the command (or ``phase5 apply``) again
-                completes it
+                addresses (restarted out of the LB while nginx sends to the new node), Prometheus the new
+                targets. From here on a failure rolls nothing back: the node is added; running the command (or
+                ``phase5 apply``) again completes it
     8 kafka     the new controllers join the KRaft quorum, every topic is reassigned to RF 2 (``__consumer_offsets``
                 included) and gets the planned min.insync.replicas (``payctl.kafkajoin``)
     9 sentinels every Sentinel names the same master, with the planned quorum, and sees all the others
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from payctl import converge, deploy, hosts, lock, replication
+from payctl import converge, deploy, hosts, lock, replication, rolling
 from payctl.errors import DeployError, PayctlError
 from payctl.inventory import Inventory
 from payctl.phase import load_phase
@@ -183,6 +183,7 @@ class AddNodeResult:
     done: list[str] = field(default_factory=list)
     replica: replication.AddReplicaResult | None = None
     sentinels: list[str] = field(default_factory=list)  # what each Sentinel said once they agreed
+    rolled: list[rolling.Restarted] = field(default_factory=list)  # the converge's app restarts
 
 
 def _live(inv: Inventory, home: Path, fake: bool) -> LiveRoles:
@@ -255,7 +256,8 @@ def add_node(req: AddNodeRequest, hooks: Hooks) -> AddNodeResult:
     try:
         done = converge.CompleteRequest(inv, req.inventory_path, req.home, req.command, plan.plan, clear,
                                         lambda conn, n: SshIO(conn.host(n)))  # fmt: skip
-        result.sentinels = converge.complete(done, hooks)
+        completed = converge.complete(done, hooks)
+        result.sentinels, result.rolled = completed.sentinels, completed.rolled
     except PayctlError as exc:
         raise ScaleError(
             f"{req.node} is added (replica of {plan.primary}, behind the LB) but completing phase {PHASE} failed: "

@@ -273,9 +273,7 @@ class _Quiet:
 
 
 def _healthy(conn: hosts.Connected, plan: Plan, hooks: Hooks, node: str, timeout: float) -> tuple[bool, str]:
-    checks = deploy.check_health(conn, plan, _Quiet(hooks), timeout=timeout, nodes=(node,))
-    bad = [c for c in checks if not c.ok]
-    return not bad, "; ".join(f"{c.check}: {conn.redact(c.detail)[:200]}" for c in bad)
+    return deploy.healthy(conn, plan, _Quiet(hooks), node, timeout)
 
 
 def _roll_node(conn: hosts.Connected, up: UpgradePlan, plan: Plan, s: NodeStep, facts: runtimes.NodeFacts,

@@ -101,6 +101,8 @@ def show_preview(console: Console, preview: deploy.Preview, *, diffs: bool = Tru
             console.print(f"  run      {a}")
         for r in w.restart:
             console.print(f"  restart  {r}")
+        for r in w.rolling:
+            console.print(f"  restart  {r}  (after the operations, one node at a time, out of the load balancer)")
         for r in w.reload:
             console.print(f"  reload   {r}")
     if diffs:
@@ -175,6 +177,8 @@ def _apply(phase: int, inventory: str, dry_run: bool, yes: bool, no_verify: bool
         raise typer.Exit(1)
     if not result.preview.changes:
         show_preview(console, result.preview)
+    for r in result.rolled:
+        console.print(f"  rolling restart {r.describe()}", markup=False)
     for h in result.health:
         mark = "[green]ok[/]" if h.ok else "[red]FAILED[/]"
         console.print(f"  health {h.node}: {h.check} {mark} {h.detail[:80]}")

@@ -73,6 +73,8 @@ def add_node_cmd(
         seeded = ", seeded now" if r.seeded else ""
         console.print(f"{node}: replica of {result.plan.primary} at GTID {r.primary_gtid or '-'}, "
                       f"semi-sync clients {r.semisync_clients}{seeded}", markup=False)  # fmt: skip
+    for rolled in result.rolled:
+        console.print(f"rolling restart {rolled.describe()}", markup=False)
     for line in result.sentinels:
         console.print(f"sentinel {line}", markup=False)
     console.print(f"{node} added to deployment {inv.deployment}: {', '.join(result.done)}", markup=False)
