@@ -10,7 +10,7 @@ from typing import Any
 from payapp import db
 from payapp.consumer import apply_event
 from payapp.events import connect, parse_event
-from payapp.reconcile import business_window, claim_hour
+from payapp.reconcile import _IN_SCOPE, business_window, claim_hour
 from tests.events.conftest import Api, Pipeline, mixed_load
 
 
@@ -171,3 +171,20 @@ async def test_the_schedule_outlives_a_database_outage_and_reconciles_when_it_is
     assert len(attempts) >= 4, attempts
     assert [r.is_balanced for r in reports] == [True], reports
     assert p.scalar("SELECT COUNT(*) FROM reconciliation_report WHERE trigger_kind = 'schedule'") == 1
+
+
+def test_the_hourly_window_is_read_through_the_created_at_indexes(pipeline: Pipeline) -> None:
+    """Migration 004: reconciliation reads one window of payment_operation and ledger_entry by created_at through an
+    index (a range), not by scanning tables that grow with every payment. EXPLAIN of the queries reconcile sends."""
+    window = "'2026-11-25 14:00:00', '2026-11-25 15:00:00'"
+    queries = {
+        "payment_operation": _IN_SCOPE.replace("%s", "{}").format(*window.split(", ")),
+        "ledger_entry": "SELECT payment_id FROM ledger_entry WHERE created_at >= {} AND created_at < {}"
+                        " GROUP BY payment_id".format(*window.split(", ")),
+    }  # fmt: skip
+    for table, query in queries.items():
+        plan = pipeline.sql(f"EXPLAIN {query}")
+        header, row = ["id", "select_type", "table", "type", "possible_keys", "key"], plan[0]
+        got = dict(zip(header, row[:6], strict=True))
+        assert got["table"] == table and got["type"] == "range", (query, plan)
+        assert got["key"] == {"payment_operation": "ix_operation_created", "ledger_entry": "ix_ledger_created"}[table]
