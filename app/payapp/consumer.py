@@ -16,7 +16,6 @@ failures: they are retried until the database is back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from payapp.events import (
     Event,
     EventSettings,
     PoisonError,
+    bounded,
     connect,
     consumer,
     ensure_topics,
@@ -48,6 +48,7 @@ log = logging.getLogger("payapp.consumer")
 
 APPLIED, DUPLICATE, PARKED = "applied", "duplicate", "parked"
 COMMIT_EVERY_S = 0.5
+STOP_STEP_S = 5.0  # each shutdown step (last commit, consumer stop, producer stop): 15 s in all, under the 30 s kill
 # A read-only primary is a switchover under way: wait for the repoint, never dead-letter a valid event over it.
 _TRANSIENT = (db.ER_LOCK_WAIT_TIMEOUT, db.ER_LOCK_DEADLOCK, db.ER_OPTION_PREVENTS_STATEMENT)
 
@@ -280,11 +281,13 @@ class Worker:
                     committed_at = time.monotonic()
                     await self._commit(kafka, pending)
             if pending:
-                await self._commit(kafka, pending)
+                await bounded("consume: last offset commit", self._commit(kafka, pending), STOP_STEP_S, log)
         finally:
-            await kafka.stop()
-            with contextlib.suppress(TimeoutError, KafkaError):
-                await asyncio.wait_for(self._producer.stop(), 10)
+            # Each step bounded: with the broker unreachable they wait for it (or raise CancelledError, aiokafka's
+            # fetcher), and supervisord kills a consumer that has not exited after 30 s. Offsets not committed only
+            # redeliver what the eventIds make no-ops.
+            await bounded("consume: consumer stop", kafka.stop(), STOP_STEP_S, log)
+            await bounded("consume: producer stop", self._producer.stop(), STOP_STEP_S, log)
             self._drop_db()
 
     @staticmethod

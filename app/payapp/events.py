@@ -7,13 +7,15 @@ docs/events.md describes the pipeline. The Kafka settings are read from the same
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncmy
@@ -31,6 +33,8 @@ from aiokafka.structs import TopicPartition
 from payapp import db
 from payapp.errors import ConfigError, PayappError
 from payapp.settings import PREFIX, Spec, int_range, merged_environ
+
+T = TypeVar("T")
 
 AUTHORIZED = "payment.authorized"
 CAPTURED = "payment.captured"
@@ -394,6 +398,44 @@ async def connect(db_url: str) -> asyncmy.Connection:
         raise PayappError(f"cannot connect to MariaDB: {exc}", "check PAYAPP_DB_URL and that MariaDB runs") from exc
     await db.execute(conn, "SET SESSION tx_isolation = 'READ-COMMITTED', innodb_lock_wait_timeout = 10")
     return conn
+
+
+class Stopped(Exception):
+    """``stop`` was set while waiting (``wait_or_stop``)."""
+
+
+async def wait_or_stop(aw: Awaitable[T], stop: asyncio.Event, timeout: float) -> T:
+    """``aw``'s result within ``timeout`` s (TimeoutError otherwise, as asyncio.wait_for), or ``Stopped`` as soon as
+    ``stop`` is set: SIGTERM must not wait for a broker that does not answer (supervisord kills after 30 s)."""
+    task = asyncio.ensure_future(aw)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    if stopper in done:
+        raise Stopped()
+    raise TimeoutError()
+
+
+async def bounded(what: str, aw: Awaitable[object], timeout: float, logger: logging.Logger) -> None:
+    """Await a client's stop()/commit() at shutdown for at most ``timeout`` s; what goes wrong is logged, not
+    raised. aiokafka's consumer stop() raises CancelledError when a fetch was in its retry backoff (the broker down):
+    that is not this task being cancelled, so it is swallowed unless this task really is."""
+    try:
+        await asyncio.wait_for(aw, timeout)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        logger.warning("%s: interrupted by the Kafka client's own cancellation (broker unreachable?)", what)
+    except (TimeoutError, KafkaError, OSError) as exc:
+        logger.warning("%s: did not finish within %.0fs (%s)", what, timeout, exc or type(exc).__name__)
 
 
 async def sleep_until(stop: asyncio.Event, seconds: float) -> bool:

@@ -31,7 +31,9 @@ from payapp.events import (
     TOPICS,
     EventSettings,
     Lag,
+    Stopped,
     acquire_lease,
+    bounded,
     connect,
     consumer_lag,
     ensure_topics,
@@ -39,10 +41,12 @@ from payapp.events import (
     producer,
     release_lease,
     sleep_until,
+    wait_or_stop,
 )
 
 log = logging.getLogger("payapp.relay")
 LEASE = "outbox-relay"
+STOP_POLL_S = 0.5  # how soon a relay waiting for acks notices SIGTERM
 
 #: The latest reconciliation report, exported as payapp_reconcile_<name> (the relay runs on every app node).
 _RECONCILE_FIGURES = ("last_balanced", "last_run_timestamp_seconds", "last_unbalanced_payments",
@@ -141,7 +145,7 @@ class Relay:
         if not rows:
             await sleep_until(stop, self.s.relay_poll_s)
             return
-        if await self._publish(conn, rows):
+        if await self._publish(conn, rows, stop):
             ids = [int(r[0]) for r in rows]
             await db.execute(
                 conn,
@@ -191,16 +195,20 @@ class Relay:
         log.error("relay: %d outbox rows with unknown topics moved to the DLQ (%s)", len(ids),
                   ", ".join(sorted({str(r[1]) for r in rows})))
 
-    async def _publish(self, conn: asyncmy.Connection, rows: tuple[tuple[Any, ...], ...]) -> bool:
-        """Send ``rows`` and wait for every ack (renewing the lease meanwhile); False: retry the round."""
+    async def _publish(self, conn: asyncmy.Connection, rows: tuple[tuple[Any, ...], ...], stop: asyncio.Event) -> bool:
+        """Send ``rows`` and wait for every ack (renewing the lease meanwhile); False: retry the round. ``stop``
+        (SIGTERM) ends the wait at once: the rows stay unpublished and the next relay sends them (at least once)."""
         try:
             if self._producer is None:
                 self._producer = producer(self.s)
-                await asyncio.wait_for(self._producer.start(), self.s.publish_timeout_s)
+                await wait_or_stop(self._producer.start(), stop, self.s.publish_timeout_s)
             futures = [
                 await self._producer.send(self.s.topic(str(topic)), key=str(pid).encode(), value=str(payload).encode())
                 for _, topic, pid, payload in rows
             ]
+        except Stopped:
+            await self._close_producer(graceful=False)
+            return False
         except (KafkaError, OSError, TimeoutError) as exc:
             log.warning("relay: send failed (%s); new producer, same rows", exc)
             self.state.publish_errors += 1
@@ -217,7 +225,12 @@ class Relay:
                 self.state.publish_errors += 1
                 await self._close_producer(graceful=False)
                 return False
-            _, pending = await asyncio.wait(pending, timeout=min(left, self.s.lease_ttl_s / 3))
+            _, pending = await asyncio.wait(pending, timeout=min(left, self.s.lease_ttl_s / 3, STOP_POLL_S))
+            if pending and stop.is_set():
+                log.warning("relay: stopping with %d of %d acks missing; the rows stay unpublished (sent again by "
+                            "the next relay)", len(pending), len(futures))
+                await self._close_producer(graceful=False)
+                return False
             if pending and time.monotonic() - self._lease_renewed > self.s.lease_ttl_s / 3:
                 await self._renew(conn)
         failed = [f.exception() for f in futures if f.exception() is not None]
@@ -234,8 +247,7 @@ class Relay:
             return
         self.state.producer_resets += 0 if graceful else 1
         if graceful:
-            with contextlib.suppress(TimeoutError, KafkaError):
-                await asyncio.wait_for(prod.stop(), 10)
+            await bounded("relay: producer stop", prod.stop(), 10, log)
             return
         # Never awaited: with sends stuck in retry, stop() waits for them.
         task = asyncio.get_running_loop().create_task(_stop_quietly(prod))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import time
 
 import pytest
 
@@ -127,4 +128,42 @@ async def test_broker_outage_during_load_api_keeps_going_and_backlog_drains(pipe
         assert p.scalar("SELECT COUNT(*) FROM outbox_event WHERE published_at IS NULL") > 0  # the backlog
     finally:
         p.kafka.start_node()
+    await assert_published_and_applied_once(p, timeout=120)
+
+
+async def test_sigterm_with_the_broker_down_exits_in_seconds_and_loses_nothing(pipeline: Pipeline, api: Api) -> None:
+    """The broker stops while the relay waits for acks (publish timeout 60 s, longer than supervisord's 30 s before it
+    kills) and the consumer polls: SIGTERM ends both cleanly (exit 0, no traceback) within seconds. Session 5 saw a
+    lab apply wait 60 s for them (relay and consumer each until their SIGKILL) and the consumer exit 1 with aiokafka's
+    CancelledError. What they had not published or committed is delivered once by the next relay and consumer."""
+    p = pipeline
+    relay = p.start("relay", name="relay-slow", PAYAPP_RELAY_PUBLISH_TIMEOUT_S="60")
+    cons = p.start("consume", name="consume-1")
+    await mixed_load(api, 4)
+    await eventually(lambda: p.scalar("SELECT COUNT(*) FROM settlement") > 0, 30, "pipeline running")
+    p.kafka.stop()
+    try:
+        await mixed_load(api, 8, seed=3)
+        await eventually(lambda: "acks" in p.log_of(relay) or "send failed" in p.log_of(relay) or
+                         p.scalar("SELECT COUNT(*) FROM outbox_event WHERE published_at IS NULL") > 0, 20,
+                         "a backlog the relay is trying to send")  # fmt: skip
+        await asyncio.sleep(2)  # the relay is now in its 60 s wait for acks
+        started = time.monotonic()
+        relay.send_signal(signal.SIGTERM)
+        cons.send_signal(signal.SIGTERM)
+        codes = {}
+        while time.monotonic() - started < 40 and len(codes) < 2:
+            for name, proc in (("relay", relay), ("consume", cons)):
+                if name not in codes and proc.poll() is not None:
+                    codes[name] = (proc.returncode, round(time.monotonic() - started, 1))
+            await asyncio.sleep(0.1)
+        print(f"SIGTERM with the broker down: (exit code, seconds to exit) {codes}")
+        assert codes.get("relay", (None,))[0] == 0 and codes.get("consume", (None,))[0] == 0, (
+            codes, p.log_of(relay)[-1500:], p.log_of(cons)[-1500:])
+        assert max(s for _, s in codes.values()) < 20, codes
+        assert "Traceback" not in p.log_of(cons) + p.log_of(relay)
+    finally:
+        p.kafka.start_node()
+    p.start("relay", name="relay-2")
+    p.start("consume", name="consume-2")
     await assert_published_and_applied_once(p, timeout=120)
