@@ -34,6 +34,7 @@ from payapp.events import (
     Event,
     EventSettings,
     PoisonError,
+    Stopped,
     bounded,
     connect,
     consumer,
@@ -42,12 +43,14 @@ from payapp.events import (
     parse_event,
     producer,
     sleep_until,
+    wait_or_stop,
 )
 
 log = logging.getLogger("payapp.consumer")
 
 APPLIED, DUPLICATE, PARKED = "applied", "duplicate", "parked"
 COMMIT_EVERY_S = 0.5
+COMMIT_TIMEOUT_S = 10.0
 STOP_STEP_S = 5.0  # each shutdown step (last commit, consumer stop, producer stop): 15 s in all, under the 30 s kill
 # A read-only primary is a switchover under way: wait for the repoint, never dead-letter a valid event over it.
 _TRANSIENT = (db.ER_LOCK_WAIT_TIMEOUT, db.ER_LOCK_DEADLOCK, db.ER_OPTION_PREVENTS_STATEMENT)
@@ -279,7 +282,7 @@ class Worker:
                 # and a crash in between only redelivers what the eventIds already make no-ops.
                 if pending and (not batch or time.monotonic() - committed_at >= COMMIT_EVERY_S):
                     committed_at = time.monotonic()
-                    await self._commit(kafka, pending)
+                    await self._commit(kafka, pending, stop)
             if pending:
                 await bounded("consume: last offset commit", self._commit(kafka, pending), STOP_STEP_S, log)
         finally:
@@ -291,11 +294,19 @@ class Worker:
             self._drop_db()
 
     @staticmethod
-    async def _commit(kafka: AIOKafkaConsumer, pending: dict[TopicPartition, OffsetAndMetadata]) -> None:
+    async def _commit(kafka: AIOKafkaConsumer, pending: dict[TopicPartition, OffsetAndMetadata],
+                      stop: asyncio.Event | None = None) -> None:  # fmt: skip
+        """Commit ``pending`` (cleared). With the coordinator gone aiokafka retries a commit until it is back, so
+        ``stop`` (SIGTERM) or COMMIT_TIMEOUT_S ends the wait: the records are redelivered, and are no-ops."""
         offsets = dict(pending)
         pending.clear()
         try:
-            await kafka.commit(offsets)
+            if stop is None:
+                await kafka.commit(offsets)
+            else:
+                await wait_or_stop(kafka.commit(offsets), stop, COMMIT_TIMEOUT_S)
+        except (Stopped, TimeoutError):
+            log.warning("consume: offset commit not acknowledged (broker unreachable?); records will be redelivered")
         except KafkaError as exc:
             # A rebalance or a broker outage: the records come again (to us or another member) and their eventIds
             # make them no-ops.

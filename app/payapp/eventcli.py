@@ -17,10 +17,13 @@ from typing import Any, TypeVar
 from payapp.errors import ConfigError
 from payapp.events import EventSettings, load_event_settings
 from payapp.settings import Settings
+from payapp.watchdog import start_drain_watchdog
 
 Subparsers = Any
 T = TypeVar("T")
 EXIT_UNBALANCED = 3
+EXIT_STOP_OVERRAN = 4  # still running STOP_DEADLINE_S after SIGTERM: the watchdog ended it
+STOP_DEADLINE_S = 25.0
 
 
 def _events(args: argparse.Namespace) -> EventSettings:
@@ -28,13 +31,21 @@ def _events(args: argparse.Namespace) -> EventSettings:
 
 
 def _until_signal(work: Callable[[asyncio.Event], Awaitable[T]]) -> T:
-    """Run ``work(stop)``; SIGTERM and SIGINT set ``stop`` so it finishes its round and exits cleanly."""
+    """Run ``work(stop)``; SIGTERM and SIGINT set ``stop`` so it finishes its round and exits cleanly, and arm a
+    watchdog: a process not gone ``STOP_DEADLINE_S`` later exits with EXIT_STOP_OVERRAN (logged), before
+    supervisord's SIGKILL (stopwaitsecs 30) and whatever a client library still waits for."""
 
     async def main() -> T:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def stopping() -> None:
+            if not stop.is_set():
+                stop.set()
+                start_drain_watchdog(STOP_DEADLINE_S, EXIT_STOP_OVERRAN)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stopping)
         return await work(stop)
 
     return asyncio.run(main())

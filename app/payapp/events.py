@@ -7,7 +7,6 @@ docs/events.md describes the pipeline. The Kafka settings are read from the same
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -415,9 +414,10 @@ async def wait_or_stop(aw: Awaitable[T], stop: asyncio.Event, timeout: float) ->
         stopper.cancel()
     if task in done:
         return task.result()
+    # Cancelled, not awaited: a client that swallows the cancellation (aiokafka retrying a commit) must not hold
+    # us here; its outcome is read and dropped when it ends.
     task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
     if stopper in done:
         raise Stopped()
     raise TimeoutError()

@@ -14,8 +14,6 @@ import logging
 import os
 import signal
 import sys
-import threading
-import time
 
 import uvloop
 from aiohttp import web
@@ -24,6 +22,9 @@ from payapp.app import create_app
 from payapp.errors import PayappError
 from payapp.server import EXIT_NO_RESTART
 from payapp.settings import Settings
+from payapp.watchdog import EXIT_DRAIN_TIMEOUT, start_drain_watchdog
+
+__all__ = ["EXIT_DRAIN_TIMEOUT", "drain", "main", "serve", "start_drain_watchdog"]
 
 log = logging.getLogger("payapp.worker")
 
@@ -31,22 +32,6 @@ log = logging.getLogger("payapp.worker")
 #: clients), a worker exits no matter what: a cleanup that never returns must not leave a process that holds memory
 #: and DB connections forever (seen: orphaned workers of a dead master, 70+ min in their drain, ignoring SIGTERM).
 CLEANUP_GRACE_SECONDS = 10.0
-EXIT_DRAIN_TIMEOUT = 3  # the drain overran its deadline; the master logs it and does not restart a stopping worker
-
-
-def start_drain_watchdog(seconds: float, exit_code: int = EXIT_DRAIN_TIMEOUT) -> threading.Thread:
-    """Hard deadline that works even if the event loop is blocked: a daemon thread that ``os._exit``s after
-    ``seconds`` unless the process has exited by then."""
-
-    def fire() -> None:
-        time.sleep(seconds)
-        log.error("drain did not finish within %.0fs: exiting now", seconds)
-        logging.shutdown()
-        os._exit(exit_code)
-
-    thread = threading.Thread(target=fire, name="drain-watchdog", daemon=True)
-    thread.start()
-    return thread
 
 
 async def drain(runner: web.AppRunner, shutdown_timeout: float) -> int:
