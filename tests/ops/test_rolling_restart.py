@@ -2,7 +2,7 @@
 nginx in front of two real aiohttp apps, one of them a program of a real supervisord: POSTs through nginx all the
 while, none fails; the node's upstream is marked down during the restart and the LB's nginx.conf is back byte for
 byte after; an unhealthy app stays out of the LB; a node the LB does not know yet is restarted in place; and
-``supervisor_update_cmd`` updates exactly the groups it is told to (or all but those).
+``supervisor_update_cmd`` updates every changed group but the app's, which the rolling restart updates.
 
 Session 4's CI saw two 502s while `scale add-node` converged: the apply restarted node1's app with nginx still
 sending to it. A request nginx has sent when the app goes away (a connection reset in a closing listener's accept
@@ -233,7 +233,7 @@ def test_supervisor_update_leaves_the_app_to_the_rolling_restart(node: tuple[Pat
     app_pid, other_pid = ctl(prefix, "pid", "payctl-app").strip(), ctl(prefix, "pid", "payctl-sentinel").strip()
     conf.write_text(conf.read_text().replace("startsecs=1", "startsecs=2").replace("sleep 600", "sleep 601"))
     command = f"supervisorctl -c {conf}"
-    out = sh(runtimes.supervisor_update_cmd(command, components.APP_PROGRAMS, only=False))
+    out = sh(runtimes.supervisor_update_cmd(command, components.APP_PROGRAMS))
     assert out.strip().splitlines()[-1] == "UPDATED: payctl-sentinel", out
     assert ctl(prefix, "pid", "payctl-app").strip() == app_pid
     assert ctl(prefix, "pid", "payctl-sentinel").strip() != other_pid

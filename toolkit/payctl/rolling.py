@@ -64,9 +64,14 @@ class NodeShell:
             raise DeployError(f"{self.node}: uploading {remote} failed")
 
 
+def _server_line(upstream: str) -> re.Pattern[str]:
+    """``server <upstream> ...;`` in nginx.conf (group 1: up to a ``down`` mark, group 2: the mark)."""
+    return re.compile(rf"^(\s*server\s+{re.escape(upstream)}\s[^;\n]*?)(\s+down)?;", re.M)
+
+
 def with_upstream_down(conf: str, upstream: str) -> str:
     """nginx.conf with ``server <upstream> ...;`` of the ``payapp`` upstream marked ``down`` (exactly one such line)."""
-    pattern = re.compile(rf"^(\s*server\s+{re.escape(upstream)}\s[^;\n]*?)(\s+down)?;", re.M)
+    pattern = _server_line(upstream)
     found = pattern.findall(conf)
     if len(found) != 1:
         raise DeployError(f"the LB's nginx.conf has {len(found)} upstream lines for {upstream}, expected one",
@@ -128,7 +133,7 @@ def _in_lb(lb: NodeShell, upstream: str) -> bool:
     nginx, conf, _, _ = _nginx_paths(lb)
     ok, out, _ = lb.shell(f"pid=$(cat {q(nginx + '/run/nginx.pid')} 2>/dev/null) && kill -0 \"$pid\" 2>/dev/null && "
                           f"cat {q(conf)}")  # fmt: skip
-    return ok and len(re.findall(rf"^\s*server\s+{re.escape(upstream)}\s[^;\n]*;", out, re.M)) == 1
+    return ok and len(_server_line(upstream).findall(out)) == 1
 
 
 @dataclass
@@ -166,29 +171,29 @@ def restart_behind_lb(n: NodeShell, lb: NodeShell | None, upstream: str, program
     rest = [p for p in programs if p not in groups]
     done = Restarted(n.node, [*groups, *rest])
     if done.programs:
-        inside = lb is not None and _in_lb(lb, upstream)
-        out_at = time.monotonic()
-        if lb is not None and inside:
-            step(lb.node, f"take {n.node} out of the load balancer (graceful reload)")
-            note = take_out(lb, upstream, timeout_s)
+        out_lb = lb if lb is not None and _in_lb(lb, upstream) else None
+        out_at = 0.0
+        if out_lb is not None:
+            step(out_lb.node, f"take {n.node} out of the load balancer (graceful reload)")
+            note = take_out(out_lb, upstream, timeout_s)
             out_at = time.monotonic()
             if note:
                 done.notes.append(note)
-        step(n.node, f"restart {', '.join(done.programs)}" + (" (out of the load balancer)" if inside else ""))
-        if groups:
-            n.run(runtimes.supervisor_update_cmd(ctl, tuple(groups), only=True), "supervisorctl update")
+        step(n.node, f"restart {', '.join(done.programs)}" + (" (out of the load balancer)" if out_lb else ""))
+        if groups:  # supervisord already reread above: update just these groups
+            n.run(f"{ctl} update {' '.join(q(g) for g in groups)}", "supervisorctl update")
         if rest:
             n.programs("stop", tuple(rest))
             n.programs("start", tuple(rest))
         ok, detail = healthy()
         if not ok:
-            where = ", so it stays OUT of the load balancer" if inside else ""
+            where = ", so it stays OUT of the load balancer" if out_lb else ""
             raise DeployError(f"{n.node}: the app was not healthy after its restart ({detail}){where}",
                               hint=f"see `payctl logs -i INV --node {n.node} --component app`; fix and re-apply "
                               "(the apply puts the rendered nginx.conf back)")  # fmt: skip
-        if lb is not None and inside:
-            step(lb.node, f"put {n.node} back into the load balancer")
-            note = put_back(lb, timeout_s)
+        if out_lb is not None:
+            step(out_lb.node, f"put {n.node} back into the load balancer")
+            note = put_back(out_lb, timeout_s)
             done.out_of_lb_s = round(time.monotonic() - out_at, 2)
             if note:
                 done.notes.append(note)

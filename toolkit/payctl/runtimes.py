@@ -508,7 +508,7 @@ def build_lab(ctx: BuildContext, marker_text: str) -> NodeWork:
         work.actions.append(f"start supervisord with {len(programs)} programs")
     elif "supervisor/supervisord.conf" in effective and ctx.rolling_apps:
         ops.shell("supervisor: reread and update changed programs but the app's",
-                  supervisor_update_cmd(ctl, components.APP_PROGRAMS, only=False))  # fmt: skip
+                  supervisor_update_cmd(ctl, components.APP_PROGRAMS))  # fmt: skip
         work.actions.append("supervisorctl update (programs whose section changed restart; the app's later, out of "
                             "the LB)")  # fmt: skip
         work.rolling_update = True
@@ -573,14 +573,14 @@ def _users_and_migrate(ops: _Ops, ctx: BuildContext, changed: list[str], *, init
     return migrate
 
 
-def supervisor_update_cmd(ctl: str, groups: tuple[str, ...], *, only: bool) -> str:
-    """``supervisorctl reread``, then ``update`` of the groups it reports changed, available (added) or disappeared:
-    only those in ``groups`` (``only``) or all but those. Prints ``UPDATED: <groups>`` (empty when none)."""
-    select = " ".join(f"-e {shlex.quote(g)}" for g in groups)
+def supervisor_update_cmd(ctl: str, keep: tuple[str, ...]) -> str:
+    """``supervisorctl reread``, then ``update`` of the groups it reports changed, available (added) or disappeared,
+    all but those in ``keep`` (their update is left to the rolling restart). Prints ``UPDATED: <groups>``."""
+    select = " ".join(f"-e {shlex.quote(g)}" for g in keep)
     return (
         f"out=$({ctl} reread 2>&1); case \"$out\" in *ERROR*) echo \"$out\" >&2; exit 1;; esac; "
         f"g=$(printf '%s\\n' \"$out\" | sed -n 's/^\\([^: ]*\\): \\(changed\\|available\\|disappeared\\)$/\\1/p' "
-        f"| grep -x{'' if only else 'v'}F {select} | tr '\\n' ' '); "
+        f"| grep -xvF {select} | tr '\\n' ' '); "
         f'[ -z "$g" ] || {ctl} update $g; echo "UPDATED: $g"'
     )
 
